@@ -1,0 +1,164 @@
+"""Resampling: sampling at voxel coordinates, backward warping, field composition and resizing.
+
+Conventions (DDF layout, units, backward mapping) are those of :mod:`regnet.spatial`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regnet.spatial.grid import check_field, check_spatial, identity_grid, normalized_grid
+
+_MODES = {"linear": "bilinear", "nearest": "nearest"}
+_PADDINGS = ("border", "zeros", "reflection")
+
+
+def sample(
+    image: torch.Tensor,
+    coords: torch.Tensor,
+    mode: str = "linear",
+    padding: str = "border",
+) -> torch.Tensor:
+    """Sample ``image`` at absolute voxel coordinates.
+
+    Args:
+        image: ``(B, C, *S_in)``.
+        coords: ``(B, ndim, *S_out)`` voxel coordinates into ``image`` (tensor axis order);
+            ``B`` may be 1 to broadcast over the image batch.
+        mode: ``"linear"`` (bi/trilinear) or ``"nearest"``.
+        padding: value outside the image: ``"border"`` (nearest edge value), ``"zeros"`` or
+            ``"reflection"``.
+
+    Returns:
+        ``(B, C, *S_out)`` in the dtype of ``image``; the coordinates are used in float32 or
+        float64 (never reduced precision), since sub-voxel positions need them.
+    """
+    ndim = check_spatial(image, "image")
+    if coords.dim() != ndim + 2 or coords.shape[1] != ndim:
+        raise ValueError(
+            f"coords must have shape (B, {ndim}, *spatial) for a {ndim}D image, "
+            f"got {tuple(coords.shape)}"
+        )
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+    if padding not in _PADDINGS:
+        raise ValueError(f"padding must be one of {list(_PADDINGS)}, got {padding!r}")
+    compute_dtype = torch.promote_types(coords.dtype, torch.float32)
+    source = image if image.dtype == compute_dtype else image.to(compute_dtype)
+    grid = normalized_grid(coords.to(compute_dtype), image.shape[2:])
+    if grid.shape[0] != source.shape[0]:
+        grid = grid.expand(source.shape[0], *grid.shape[1:])
+    out = F.grid_sample(source, grid, mode=_MODES[mode], padding_mode=padding, align_corners=True)
+    return out if out.dtype == image.dtype or not image.is_floating_point() else out.to(image.dtype)
+
+
+def warp(
+    image: torch.Tensor,
+    ddf: torch.Tensor,
+    mode: str = "linear",
+    padding: str = "border",
+) -> torch.Tensor:
+    """Backward-warp ``image`` with ``ddf``: ``out(x) = image(x + ddf(x))``.
+
+    Args:
+        image: ``(B, C, *S)`` moving image on the same grid as the field.
+        ddf: ``(B, ndim, *S)`` displacement in voxels, tensor axis order.
+        mode, padding: see :func:`sample`.
+
+    Returns:
+        ``(B, C, *S)``.
+    """
+    ndim = check_field(ddf)
+    check_spatial(image, "image", ndim)
+    if image.shape[2:] != ddf.shape[2:]:
+        raise ValueError(
+            f"image spatial shape {tuple(image.shape[2:])} differs from ddf spatial shape "
+            f"{tuple(ddf.shape[2:])}; resample one of them first"
+        )
+    dtype = torch.promote_types(ddf.dtype, torch.float32)
+    coords = identity_grid(ddf.shape[2:], ddf.device, dtype) + ddf.to(dtype)
+    return sample(image, coords, mode=mode, padding=padding)
+
+
+def warp_labels(
+    labels: torch.Tensor,
+    ddf: torch.Tensor,
+    method: str = "nearest",
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Warp an integer label map ``(B, 1, *S)`` with ``ddf``; returns int64 ``(B, 1, *S)``.
+
+    ``method="nearest"`` picks the nearest voxel's label; ``method="onehot"`` linearly
+    interpolates one-hot channels (``num_classes`` of them, default ``max + 1``) and takes the
+    argmax, which gives smoother boundaries. Outside the image the border label is used.
+    """
+    if labels.dim() != ddf.dim() or labels.shape[1] != 1:
+        raise ValueError(f"labels must have shape (B, 1, *spatial), got {tuple(labels.shape)}")
+    if method == "nearest":
+        return warp(labels.float(), ddf, mode="nearest").round().long()
+    if method != "onehot":
+        raise ValueError(f"method must be 'nearest' or 'onehot', got {method!r}")
+    k = int(num_classes if num_classes is not None else labels.max().item() + 1)
+    onehot = one_hot(labels, k)
+    return warp(onehot, ddf, mode="linear").argmax(dim=1, keepdim=True)
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Integer labels ``(B, 1, *S)`` -> float one-hot ``(B, num_classes, *S)``."""
+    flat = F.one_hot(labels[:, 0].long().clamp_min(0), num_classes)
+    return flat.movedim(-1, 1).float()
+
+
+def compose(u: torch.Tensor, v: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Compose two fields on the same grid: apply ``u`` first, then ``v``.
+
+    ``warp(warp(M, u), v) ≈ warp(M, compose(u, v))``, with
+    ``compose(u, v)(x) = v(x) + u(x + v(x))``; ``u`` is resampled once (linear), outside the
+    grid by its border value.
+    """
+    check_field(u, "u")
+    check_field(v, "v")
+    if u.shape != v.shape and u.shape[2:] != v.shape[2:]:
+        raise ValueError(f"cannot compose fields of shapes {tuple(u.shape)} and {tuple(v.shape)}")
+    return v + warp(u, v, mode="linear", padding=padding)
+
+
+def resize_ddf(ddf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample a field onto a grid of ``shape`` covering the same extent, rescaling magnitudes.
+
+    Corner voxels stay aligned (``align_corners``), so a displacement of ``d`` voxels along
+    axis ``a`` becomes ``d * (shape[a] - 1) / (old[a] - 1)`` voxels of the new grid.
+    """
+    ndim = check_field(ddf)
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != ndim:
+        raise ValueError(f"shape {shape} must have {ndim} entries for a {ndim}D field")
+    old = ddf.shape[2:]
+    if tuple(old) == shape:
+        return ddf
+    mode = "bilinear" if ndim == 2 else "trilinear"
+    resized = F.interpolate(ddf, size=shape, mode=mode, align_corners=True)
+    factors = torch.tensor(
+        [(n - 1) / (o - 1) if o > 1 else 1.0 for n, o in zip(shape, old, strict=True)],
+        device=ddf.device,
+        dtype=ddf.dtype,
+    )
+    return resized * factors.view(1, ndim, *([1] * ndim))
+
+
+class SpatialTransformer(nn.Module):
+    """Differentiable backward warp as a module: ``forward(image, ddf) = warp(image, ddf)``."""
+
+    def __init__(self, mode: str = "linear", padding: str = "border") -> None:
+        super().__init__()
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+        self.mode = mode
+        self.padding = padding
+
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        return warp(image, ddf, mode=self.mode, padding=self.padding)
