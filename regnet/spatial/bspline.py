@@ -39,6 +39,11 @@ def cubic_bspline_basis(s: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _axis_weights(n: int, g: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Dense ``(n, g)`` matrix of basis weights of control points for every voxel on an axis."""
+    with torch.inference_mode(False):  # cached: must stay usable by autograd later
+        return _basis_matrix(n, g).to(device=device, dtype=dtype)
+
+
+def _basis_matrix(n: int, g: int) -> torch.Tensor:
     delta = (n - 1) / (g - 3) if n > 1 else 1.0
     x = torch.arange(n, dtype=torch.float64)
     s = x / delta + 1.0
@@ -48,7 +53,7 @@ def _axis_weights(n: int, g: int, device: torch.device, dtype: torch.dtype) -> t
     basis = cubic_bspline_basis(frac)
     for offset in range(4):
         weights[torch.arange(n), (idx - 1 + offset).long()] = basis[:, offset]
-    return weights.to(device=device, dtype=dtype)
+    return weights
 
 
 def control_grid_shape(shape: Sequence[int], spacing: float | Sequence[float]) -> tuple[int, ...]:

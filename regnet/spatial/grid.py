@@ -37,9 +37,11 @@ def check_field(ddf: torch.Tensor, name: str = "ddf") -> int:
 
 @functools.lru_cache(maxsize=32)
 def _cached_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype):
-    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
-    return grid.unsqueeze(0)
+    # A cached tensor made under torch.inference_mode() could never join autograd later.
+    with torch.inference_mode(False):
+        axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+        return grid.unsqueeze(0)
 
 
 def identity_grid(

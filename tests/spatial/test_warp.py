@@ -9,6 +9,7 @@ from regnet.spatial import (
     SpatialTransformer,
     affine_matrix,
     affine_to_ddf,
+    bspline_to_ddf,
     compose,
     identity_grid,
     resize_ddf,
@@ -170,3 +171,15 @@ def test_warp_gradcheck():
     image3 = torch.rand(1, 1, 3, 4, 3, dtype=torch.float64, requires_grad=True)
     ddf3 = (0.3 * torch.randn(1, 3, 3, 4, 3, dtype=torch.float64)).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: warp(a, b), (image3, ddf3), eps=1e-6, atol=1e-5)
+
+
+def test_grids_cached_under_inference_mode_still_support_autograd():
+    shape = (7, 5, 6)
+    with torch.inference_mode():
+        warp(torch.rand(1, 1, *shape), torch.zeros(1, 3, *shape))
+        bspline_to_ddf(torch.zeros(1, 3, 4, 4, 4), shape)
+    ddf = torch.zeros(1, 3, *shape, requires_grad=True)
+    warp(torch.rand(1, 1, *shape), ddf).sum().backward()
+    cp = torch.zeros(1, 3, 4, 4, 4, requires_grad=True)
+    bspline_to_ddf(cp, shape).sum().backward()
+    assert ddf.grad is not None and cp.grad is not None

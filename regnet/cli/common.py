@@ -1,0 +1,188 @@
+"""What every inference command-line tool shares: config composition, devices and bad input.
+
+Bad input (a missing or unreadable file, a 4D volume, NaN voxels, an incompatible checkpoint, an
+output folder that already holds results ...) is raised as :class:`InputError` anywhere below the
+entry point; :func:`run_command` turns it, :class:`regnet.data.io.DataError` (bad files, from the
+data layer and :mod:`regnet.pipeline`) and :class:`regnet.outputs.OutputExistsError` into one line
+
+    error: <file or argument>: <problem>
+
+on stderr and exit status :data:`EXIT_BAD_INPUT`, without a traceback. Every other exception is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from regnet.cli.config import config_dir
+from regnet.data.io import DataError, read_pair_list
+from regnet.outputs import OutputExistsError
+from regnet.pipeline import PairInputs, load_pair_inputs
+
+EXIT_BAD_INPUT = 2
+"""Exit status for bad input (files, arguments, existing outputs)."""
+
+
+class InputError(Exception):
+    """A problem with one input the user gave: ``subject`` (a file or an argument) and
+    ``problem`` (what is wrong with it), printed as ``error: <subject>: <problem>``."""
+
+    def __init__(self, subject: object, problem: str) -> None:
+        self.subject = str(subject)
+        self.problem = problem
+        super().__init__(f"{self.subject}: {problem}")
+
+
+def run_command(task: Callable[[], object]) -> None:
+    """Run ``task``; on :class:`InputError`, ``DataError`` or ``OutputExistsError`` print
+    ``error: <message>`` (first line) to stderr and exit with :data:`EXIT_BAD_INPUT`."""
+    try:
+        task()
+    except (InputError, DataError, OutputExistsError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def compose_config(name: str, overrides: Sequence[str]) -> DictConfig:
+    """Compose ``configs/<name>.yaml`` with Hydra command-line ``overrides`` (``key=value``).
+
+    Hydra's compose API is used instead of ``@hydra.main`` so that an inference run writes
+    nothing but its results (no run folder, no log file). The config is resolved.
+
+    Raises:
+        InputError: naming the command line when an override cannot be parsed or applied.
+    """
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name=name, overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as error:
+        problem = " ".join(str(error).split())
+        raise InputError(
+            f"command line {' '.join(overrides) or '(no arguments)'}", problem
+        ) from None
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Raises:
+        InputError: for an unknown name or CUDA requested on a machine without it.
+    """
+    name = str(name).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"device={name}", "expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device={name}", "expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={name}", "CUDA is not available on this machine")
+    return device
+
+
+def as_pair(value: object, argument: str) -> tuple[str, str] | None:
+    """A two-element list argument (``pair=[a,b]``) as a tuple of strings; ``None`` stays None.
+
+    Raises:
+        InputError: naming ``argument`` when the value is not a list of exactly two paths.
+    """
+    if value is None:
+        return None
+    items = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if not isinstance(items, (list, tuple)) or len(items) != 2 or None in items:
+        raise InputError(argument, f"expected [fixed,moving], got {items!r}")
+    return str(items[0]), str(items[1])
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """One pair to register: image files, optional ``(fixed, moving)`` label maps and landmarks
+    (CSV files or ``(N, 3)`` RAS mm arrays), and ``name``, its output subfolder."""
+
+    name: str
+    fixed: Path
+    moving: Path
+    labels: tuple[Path, Path] | None = None
+    landmarks: tuple[Path | np.ndarray, Path | np.ndarray] | None = None
+
+    def load(self) -> PairInputs:
+        """Read and check the files (:func:`regnet.pipeline.load_pair_inputs`)."""
+        return load_pair_inputs(self.fixed, self.moving, self.labels, self.landmarks)
+
+    def check_files(self) -> None:
+        """Cheap check before any work: every file named exists (``DataError`` otherwise)."""
+        paths = [self.fixed, self.moving, *(self.labels or ())]
+        paths += [p for p in self.landmarks or () if isinstance(p, Path)]
+        for path in paths:
+            if not path.is_file():
+                raise DataError(f"{path}: file not found")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".mgz", ".nrrd", ".mha"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def pair_name(index: int, fixed: Path, moving: Path) -> str:
+    """Output subfolder of pair ``index`` (from 1): ``001_<moving>_to_<fixed>``."""
+    return f"{index:03d}_{_stem(moving)}_to_{_stem(fixed)}"
+
+
+def pairs_from_list(path: str | Path) -> list[PairSpec]:
+    """Pairs from a CSV (header row) or JSON list: columns ``fixed``, ``moving`` and optional
+    ``fixed_label``, ``moving_label``, ``fixed_landmarks``, ``moving_landmarks`` (as for
+    :class:`regnet.data.layouts.PairListDataset`); relative paths are taken from the list's folder.
+
+    Raises:
+        DataError: ``<list> row <n>: ...`` for a row without ``fixed``/``moving`` or with only
+            one of a fixed/moving column pair; an empty list.
+    """
+    path = Path(path)
+    base = path.parent
+    specs = []
+    for number, row in enumerate(read_pair_list(path), start=1):
+        where = f"{path} row {number}"
+        for column in ("fixed", "moving"):
+            if column not in row:
+                raise DataError(f"{where}: column '{column}' is missing or empty")
+        extras = {}
+        for field in ("label", "landmarks"):
+            present = [f"{role}_{field}" in row for role in ("fixed", "moving")]
+            if any(present) and not all(present):
+                raise DataError(f"{where}: needs both fixed_{field} and moving_{field}, or neither")
+            if all(present):
+                extras[field] = tuple(base / row[f"{role}_{field}"] for role in ("fixed", "moving"))
+        fixed, moving = base / row["fixed"], base / row["moving"]
+        specs.append(
+            PairSpec(
+                pair_name(number, fixed, moving),
+                fixed,
+                moving,
+                extras.get("label"),
+                extras.get("landmarks"),
+            )
+        )
+    if not specs:
+        raise DataError(f"{path}: pair list has no rows")
+    return specs

@@ -1,0 +1,217 @@
+"""``register.py`` / ``regnet-register``: classical per-pair registration by gradient descent.
+
+Examples::
+
+    python register.py fixed=f.nii.gz moving=m.nii.gz out=result            # affine then SVF
+    python register.py fixed=f.nii.gz moving=m.nii.gz transform=rigid spacing=1
+    python register.py fixed=f.nii.gz moving=m.nii.gz transform=bspline loss=lncc+bending \\
+        labels=[fl.nii.gz,ml.nii.gz] landmarks=[f.csv,m.csv] masks=[fm.nii.gz,mm.nii.gz]
+
+Both images (and masks) are resampled in world space onto one working grid: the fixed image's
+field of view, axes permuted/flipped to the nearest RAS orientation, at ``spacing`` mm
+(:func:`working_grid`); intensities are clipped to ``percentiles`` and scaled to [0, 1].
+:func:`regnet.optimize.register` estimates the transform there, and
+:func:`regnet.pipeline.complete_registration` maps it onto the fixed image's own grid and warps the
+original moving image and labels once. Outputs are those of :mod:`regnet.outputs`. Bad input ends
+with one line ``error: <file or argument>: <problem>`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from regnet.cli.common import (
+    InputError,
+    PairSpec,
+    as_pair,
+    compose_config,
+    resolve_device,
+    run_command,
+)
+from regnet.cli.predict import summary_line
+from regnet.optimize import TRANSFORMS, register
+from regnet.outputs import check_output_dir, write_registration
+from regnet.pipeline import (
+    GridField,
+    PairInputs,
+    RegistrationResult,
+    Stopwatch,
+    Volume,
+    complete_registration,
+    load_volume,
+)
+from regnet.spatial.world import ddf_to_world, warp_world, world_points_to_voxel
+
+
+def working_grid(fixed: Volume, spacing: float | None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Affine ``(4, 4)`` and shape of the working grid: the fixed image's axes permuted and
+    flipped to the closest RAS orientation (as ``nibabel.as_closest_canonical``), resampled to
+    ``spacing`` mm (``None``: keep the fixed spacing) over the same extent, first voxel centre
+    kept (corner voxel centres of the fixed image stay on or within half a voxel of the grid)."""
+    orientation = nib.orientations.io_orientation(fixed.affine)
+    canonical = fixed.affine @ nib.orientations.inv_ornt_aff(orientation, fixed.shape)
+    shape = [fixed.shape[int(axis)] for axis in orientation[:, 0]]
+    columns = canonical[:3, :3]
+    old_spacing = np.linalg.norm(columns, axis=0)
+    if spacing is None:
+        return canonical, tuple(shape)
+    new_shape = [
+        max(1, round((n - 1) * s / spacing) + 1) for n, s in zip(shape, old_spacing, strict=True)
+    ]
+    affine = canonical.copy()
+    affine[:3, :3] = columns / old_spacing * spacing
+    return affine, tuple(int(n) for n in new_shape)
+
+
+def on_grid(volume: Volume, affine: np.ndarray, shape: Sequence[int], mode: str = "linear"):
+    """``volume`` resampled in world space onto a grid, ``(1, 1, *shape)`` float32, zeros
+    outside its field of view."""
+    zero = torch.zeros(1, 3, *shape, dtype=torch.float64)
+    data = volume.data.to(torch.float64)
+    return warp_world(data, volume.affine, zero, affine, mode=mode).float()
+
+
+def scale_intensities(image: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:
+    """Clip ``image`` to its ``percentiles`` (computed over voxels inside the field of view,
+    i.e. non-zero after resampling) and scale to [0, 1]."""
+    values = image[image != 0]
+    if values.numel() == 0:
+        return image
+    low, high = np.percentile(values.numpy(), [float(p) for p in percentiles])
+    if high <= low:
+        return (image != 0).float()
+    return ((image - low) / (high - low)).clamp(0, 1)
+
+
+def _tuple(value: Any, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    items = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if not isinstance(items, list | tuple):
+        raise InputError(name, f"expected a list with one value per level, got {items!r}")
+    return tuple(int(v) for v in items)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    if cfg.transform not in TRANSFORMS:
+        raise InputError(f"transform={cfg.transform}", f"expected one of {', '.join(TRANSFORMS)}")
+    if cfg.spacing is not None and not float(cfg.spacing) > 0:
+        raise InputError(f"spacing={cfg.spacing}", "must be a positive number of mm")
+    if int(cfg.levels) < 1:
+        raise InputError(f"levels={cfg.levels}", "must be >= 1")
+    for key in ("iterations", "affine_iterations", "windows"):
+        value = _tuple(cfg.get(key), key)
+        if value is not None and len(value) != int(cfg.levels):
+            raise InputError(f"{key}={list(value)}", f"needs one value per level ({cfg.levels})")
+
+
+def register_pair(
+    inputs: PairInputs, masks: tuple[Volume, Volume] | None, device: torch.device, cfg: DictConfig
+) -> RegistrationResult:
+    """Register one pair on the working grid and bring the result to the fixed image's grid;
+    ``seconds`` covers resampling onto the working grid, the optimisation and the mm field."""
+    watch = Stopwatch(device)
+    spacing = None if cfg.spacing is None else float(cfg.spacing)
+    affine, shape = working_grid(inputs.fixed, spacing)
+    fixed = scale_intensities(on_grid(inputs.fixed, affine, shape), cfg.percentiles)
+    moving = scale_intensities(on_grid(inputs.moving, affine, shape), cfg.percentiles)
+    options: dict[str, Any] = {}
+    if masks is not None:
+        options["fixed_mask"] = on_grid(masks[0], affine, shape, "nearest")
+        options["moving_mask"] = on_grid(masks[1], affine, shape, "nearest")
+    if inputs.fixed_landmarks is not None:
+        options["fixed_landmarks"] = torch.from_numpy(
+            world_points_to_voxel(inputs.fixed_landmarks, affine)
+        ).float()
+        options["moving_landmarks"] = torch.from_numpy(
+            world_points_to_voxel(inputs.moving_landmarks, affine)
+        ).float()
+    weights = cfg.weights
+    loss = str(cfg.loss) if cfg.loss else None
+    try:
+        result = register(
+            fixed.to(device),
+            moving.to(device),
+            transform=str(cfg.transform),
+            loss=loss,
+            weights=None if weights is None else OmegaConf.to_container(weights),
+            levels=int(cfg.levels),
+            iterations=_tuple(cfg.iterations, "iterations"),
+            lr=None if cfg.lr is None else float(cfg.lr),
+            landmark_weight=float(cfg.landmark_weight),
+            init=str(cfg.init),
+            affine_first=bool(cfg.affine_first),
+            affine_model=str(cfg.affine_model),
+            affine_iterations=_tuple(cfg.affine_iterations, "affine_iterations"),
+            affine_lr=None if cfg.affine_lr is None else float(cfg.affine_lr),
+            spacing=[float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+            windows=_tuple(cfg.windows, "windows"),
+            smoothing=float(cfg.smoothing),
+            control_spacing=float(cfg.control_spacing),
+            device=device,
+            **options,
+        )
+    except ValueError as error:
+        raise InputError("settings", str(error)) from None
+    disp = ddf_to_world(result.ddf, affine)
+    seconds = watch.seconds()
+    info: dict[str, Any] = {
+        "method": f"register:{cfg.transform}",
+        "loss": loss,
+        "working_grid": {"shape": list(shape), "affine": affine.tolist()},
+        "device": str(device),
+        "loss_history_last": {
+            f"{h.stage}/level{h.level}": (h.losses[-1] if h.losses else None)
+            for h in result.history
+        },
+    }
+    if result.matrix is not None:
+        world = affine @ result.matrix[0].double().cpu().numpy() @ np.linalg.inv(affine)
+        info["affine_ras_mm"] = world.tolist()  # fixed world point -> moving world point
+    return complete_registration(inputs, GridField(disp, affine), seconds, **info)
+
+
+def run(cfg: DictConfig) -> Path:
+    """Run ``register`` for a composed ``configs/register.yaml``; returns the output folder."""
+    for key in ("fixed", "moving"):
+        if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
+            raise InputError(key, f"missing; pass {key}=PATH to an image file")
+    check_settings(cfg)
+    device = resolve_device(cfg.device)
+    labels = as_pair(cfg.labels, "labels")
+    landmarks = as_pair(cfg.landmarks, "landmarks")
+    mask_paths = as_pair(cfg.masks, "masks")
+    spec = PairSpec(
+        "pair",
+        Path(cfg.fixed),
+        Path(cfg.moving),
+        None if labels is None else (Path(labels[0]), Path(labels[1])),
+        None if landmarks is None else (Path(landmarks[0]), Path(landmarks[1])),
+    )
+    spec.check_files()
+    out_dir = Path(cfg.out)
+    check_output_dir(out_dir, bool(cfg.overwrite))
+    inputs = spec.load()
+    masks = None if mask_paths is None else tuple(load_volume(p) for p in mask_paths)
+    result = register_pair(inputs, masks, device, cfg)
+    write_registration(out_dir, inputs, result, bool(cfg.overwrite), bool(cfg.overview))
+    print(f"{out_dir}: {summary_line(result.metrics)}")
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: ``regnet-register [key=value ...]`` (Hydra override syntax)."""
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    run_command(lambda: run(compose_config("register", overrides)))
+
+
+if __name__ == "__main__":
+    main()

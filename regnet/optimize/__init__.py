@@ -1,0 +1,26 @@
+"""Classical per-pair registration by gradient descent (the engine behind ``register.py``).
+
+:func:`register` aligns two images on one grid with a rigid, affine, B-spline, dense or
+diffeomorphic (SVF) transform through a multi-resolution pyramid; :func:`refine` improves a
+network's DDF on one pair (instance optimisation). Conventions: :mod:`regnet.spatial`.
+"""
+
+from regnet.optimize.engine import (
+    DEFAULT_ITERATIONS,
+    DEFAULT_LR,
+    TRANSFORMS,
+    LevelHistory,
+    RegistrationResult,
+    refine,
+    register,
+)
+
+__all__ = [
+    "DEFAULT_ITERATIONS",
+    "DEFAULT_LR",
+    "TRANSFORMS",
+    "LevelHistory",
+    "RegistrationResult",
+    "refine",
+    "register",
+]

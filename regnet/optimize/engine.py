@@ -1,0 +1,552 @@
+"""Per-pair registration by gradient descent on regnet's own transforms and losses.
+
+Both images lie on one grid (the fixed grid, see :mod:`regnet.spatial` for the conventions);
+the result is a DDF on that grid in its voxels, backward (fixed -> moving). The procedure:
+
+1. optional centre-of-mass initialisation (a translation superimposing intensity centroids);
+2. an affine stage (rigid or affine parameters about the image centre) through a pyramid,
+   coarse to fine, when the transform is rigid/affine or precedes a deformable one;
+3. a deformable stage through the pyramid: cubic B-spline control points, a dense DDF or a
+   stationary velocity field (SVF, integrated by scaling and squaring), each level starting from
+   the previous level's field (:func:`regnet.spatial.resize_ddf`).
+
+The total transform is ``x -> A (x + v(x))`` (``compose(affine_ddf, local_ddf)``, evaluated
+exactly by applying the matrix to ``x + v(x)``), and on every evaluation the moving image of the
+level is sampled once with it. Adam optimises the parameters against
+:func:`regnet.losses.build_loss` (image terms get the fixed mask, times the warped moving mask),
+plus an optional landmark term.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from regnet.losses import build_loss
+from regnet.optimize.initialize import centre_of_mass_translation
+from regnet.optimize.pyramid import downsample, level_shapes, level_step
+from regnet.optimize.transforms import AffineParameters, BSplineField, DenseField, after
+from regnet.spatial import (
+    apply_affine,
+    control_grid_shape,
+    identity_grid,
+    resize_ddf,
+    sample,
+)
+
+AFFINE_TRANSFORMS = ("rigid", "affine")
+DEFORMABLE_TRANSFORMS = ("bspline", "ddf", "svf")
+TRANSFORMS = AFFINE_TRANSFORMS + DEFORMABLE_TRANSFORMS
+SIMILARITY_WINDOW_TERMS = ("lncc", "ncc")
+"""Loss terms whose ``window`` option :func:`register` sets per level from ``windows``."""
+
+DEFAULT_ITERATIONS = {
+    "rigid": (100, 60, 30),
+    "affine": (100, 60, 30),
+    "bspline": (100, 60, 30),
+    "ddf": (100, 60, 30),
+    "svf": (100, 60, 30),
+}
+"""Iterations per level (coarse to fine) for a three-level pyramid."""
+
+DEFAULT_LR = {"rigid": 0.5, "affine": 0.5, "bspline": 0.5, "ddf": 0.5, "svf": 0.25}
+"""Adam learning rates in voxels of the level being optimised."""
+
+
+@dataclass
+class LevelHistory:
+    """Loss (total, one value per iteration) of one stage on one pyramid level."""
+
+    stage: str
+    level: int
+    shape: tuple[int, ...]
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class RegistrationResult:
+    """Outcome of :func:`register`, tensors on the registration device.
+
+    Attributes:
+        ddf: ``(1, ndim, *S)`` total displacement (affine then local), voxels of the fixed grid,
+            backward: ``warped(x) = moving(x + ddf(x))``.
+        matrix: ``(1, ndim+1, ndim+1)`` fixed -> moving voxel affine, or ``None`` without one.
+        local_ddf: ``(1, ndim, *S)`` deformable part ``v`` (``ddf(x) = A (x + v(x)) - x``), or
+            ``None`` for rigid/affine transforms.
+        history: per stage and level, the loss after every iteration.
+        seconds: wall time of the whole registration.
+    """
+
+    ddf: torch.Tensor
+    matrix: torch.Tensor | None
+    local_ddf: torch.Tensor | None
+    history: list[LevelHistory]
+    seconds: float
+
+
+@dataclass
+class _Level:
+    """Images, masks and loss of one pyramid level."""
+
+    index: int
+    shape: tuple[int, ...]
+    step: tuple[float, ...]
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_mask: torch.Tensor | None
+    moving_mask: torch.Tensor | None
+    loss: Any
+
+    def level_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        """A full-resolution voxel matrix expressed in this level's voxels: ``D⁻¹ M D``."""
+        d = torch.tensor([*self.step, 1.0], device=matrix.device, dtype=matrix.dtype)
+        return matrix * d.view(1, 1, -1) / d.view(1, -1, 1)
+
+
+def _check_image(tensor: torch.Tensor, name: str, shape: Sequence[int] | None) -> None:
+    if tensor.dim() not in (4, 5) or tensor.shape[0] != 1:
+        raise ValueError(
+            f"{name} must have shape (1, C, *S) with 2 or 3 spatial dims, got {tuple(tensor.shape)}"
+        )
+    if shape is not None and tuple(tensor.shape[2:]) != tuple(shape):
+        raise ValueError(
+            f"{name} spatial shape {tuple(tensor.shape[2:])} differs from the fixed "
+            f"image's {tuple(shape)}"
+        )
+
+
+def _check_per_level(values: Sequence, levels: int, name: str) -> tuple:
+    values = tuple(values)
+    if len(values) != levels:
+        raise ValueError(f"{name} needs one value per level ({levels}), got {list(values)}")
+    return values
+
+
+def _landmark_error(
+    level: _Level,
+    matrix: torch.Tensor | None,
+    local: torch.Tensor | None,
+    fixed_points: torch.Tensor,
+    moving_points: torch.Tensor,
+    spacing: torch.Tensor | None,
+) -> torch.Tensor:
+    """Mean squared distance between mapped fixed landmarks ``T(x_f)`` and moving landmarks.
+
+    Points are ``(N, ndim)`` full-resolution voxels; the distance is in voxels, or mm when
+    ``spacing`` (mm per voxel, ``(ndim,)``) is given.
+    """
+    points = fixed_points
+    ndim = points.shape[1]
+    step = torch.tensor(level.step, device=points.device, dtype=points.dtype)
+    if local is not None:
+        coords = (points / step).T.reshape(1, ndim, -1, *([1] * (ndim - 1)))
+        displacement = sample(local, coords, padding="border").reshape(ndim, -1).T
+        points = points + displacement * step
+    if matrix is not None:
+        points = points @ matrix[0, :ndim, :ndim].T + matrix[0, :ndim, ndim]
+    difference = points - moving_points
+    if spacing is not None:
+        difference = difference * spacing
+    return (difference**2).sum(1).mean()
+
+
+def _objective(
+    level: _Level,
+    matrix: torch.Tensor | None,
+    local: torch.Tensor | None,
+    landmarks: tuple[torch.Tensor, torch.Tensor] | None,
+    landmark_weight: float,
+    spacing: torch.Tensor | None,
+) -> torch.Tensor:
+    """Total loss of one evaluation: the image loss on the warped moving image of the level plus
+    the weighted landmark term; ``local`` is the deformable displacement in level voxels."""
+    grid = identity_grid(level.shape, level.fixed.device, level.fixed.dtype)
+    points = grid if local is None else grid + local
+    if matrix is not None:
+        points = apply_affine(level.level_matrix(matrix), points)
+    total = torch.zeros((), device=level.fixed.device)
+    if level.loss is not None:
+        warped = sample(level.moving, points, padding="border")
+        ddf = local if local is not None else torch.zeros_like(grid)
+        inputs = {"fixed": level.fixed, "moving": level.moving, "warped": warped, "ddf": ddf}
+        mask = level.fixed_mask
+        if level.moving_mask is not None:
+            warped_mask = sample(level.moving_mask, points.detach(), padding="zeros")
+            mask = warped_mask if mask is None else mask * warped_mask
+        if mask is not None:
+            inputs["fixed_mask"] = mask
+        total = total + level.loss(inputs)[0]
+    if landmarks is not None:
+        error = _landmark_error(level, matrix, local, *landmarks, spacing)
+        total = total + landmark_weight * error
+    return total
+
+
+def _optimise(
+    parameters: Sequence[torch.nn.Parameter],
+    evaluate,
+    iterations: int,
+    lr: float,
+    history: LevelHistory,
+) -> None:
+    """Adam for ``iterations`` steps on ``evaluate()``; the learning rate decays linearly to a
+    tenth so the last steps settle to well below ``lr``."""
+    start = time.perf_counter()
+    optimiser = torch.optim.Adam(parameters, lr=lr)
+    schedule = torch.optim.lr_scheduler.LinearLR(
+        optimiser, start_factor=1.0, end_factor=0.1, total_iters=max(iterations, 1)
+    )
+    for _ in range(iterations):
+        optimiser.zero_grad(set_to_none=True)
+        loss = evaluate()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        history.losses.append(float(loss.detach()))
+    history.seconds = time.perf_counter() - start
+
+
+def _level_loss(
+    loss: str | None,
+    weights: Mapping[str, float] | None,
+    options: Mapping[str, Mapping[str, Any]] | None,
+    window: int,
+):
+    """The :func:`build_loss` composite for one level, similarity windows set to ``window``."""
+    if not loss:
+        return None
+    level_options = {name: dict(value) for name, value in (options or {}).items()}
+    for name in loss.replace(" ", "").split("+"):
+        if name in SIMILARITY_WINDOW_TERMS:
+            level_options.setdefault(name, {})["window"] = int(window)
+    composite = build_loss(loss, weights=weights, options=level_options or None)
+    composite.check({"fixed", "moving", "warped", "ddf", "fixed_mask"})
+    return composite
+
+
+def register(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    transform: str = "svf",
+    loss: str | None = "lncc+grad",
+    weights: Mapping[str, float] | None = None,
+    levels: int = 3,
+    iterations: Sequence[int] | None = None,
+    lr: float | None = None,
+    *,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+    fixed_landmarks: torch.Tensor | None = None,
+    moving_landmarks: torch.Tensor | None = None,
+    landmark_weight: float = 1.0,
+    init: str = "com",
+    affine_first: bool = True,
+    affine_model: str = "affine",
+    affine_iterations: Sequence[int] | None = None,
+    affine_lr: float | None = None,
+    spacing: Sequence[float] | None = None,
+    initial_ddf: torch.Tensor | None = None,
+    windows: Sequence[int] | None = None,
+    loss_options: Mapping[str, Mapping[str, Any]] | None = None,
+    smoothing: float = 1.0,
+    control_spacing: float = 5.0,
+    integration_steps: int = 7,
+    device: str | torch.device | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` by gradient descent; both on the same grid.
+
+    Args:
+        fixed, moving: ``(1, C, *S)`` images (2D or 3D) on one grid.
+        transform: ``"rigid"``, ``"affine"``, ``"bspline"``, ``"ddf"`` or ``"svf"``.
+        loss: :func:`regnet.losses.build_loss` spec (e.g. ``"lncc+grad"``; regularisers see the
+            deformable displacement in level voxels, zero during the affine stage), or ``None``
+            for the landmark term alone.
+        weights: weight per loss term name.
+        levels: pyramid levels, each twice as coarse as the next (finest: the input grid).
+        iterations: Adam steps per level, coarse to fine (0 skips a level; a deformable field
+            then passes on to the next level unchanged, so ``(.., .., 0)`` optimises at half
+            resolution and upsamples). Defaults: :data:`DEFAULT_ITERATIONS`.
+        lr: Adam learning rate in voxels of each level (default :data:`DEFAULT_LR`).
+        fixed_mask, moving_mask: optional ``(1, 1, *S)`` weights in ``[0, 1]``; image terms are
+            restricted to the fixed mask times the moving mask warped to the fixed grid.
+        fixed_landmarks, moving_landmarks: optional ``(N, ndim)`` corresponding points in voxel
+            coordinates of the grid; adds ``landmark_weight`` times the mean squared distance
+            between ``x_f + u(x_f)`` and ``x_m`` (voxels², or mm² when ``spacing`` is given).
+        init: ``"com"`` (translation aligning intensity centres of mass) or ``"identity"``.
+        affine_first: for deformable transforms, run an ``affine_model`` (``"rigid"`` or
+            ``"affine"``) stage first with ``affine_iterations`` / ``affine_lr`` (defaults: those
+            of ``affine_model``). Ignored when ``initial_ddf`` is given.
+        spacing: voxel size in mm per axis: rotations are rigid in mm, landmark distances in mm.
+        initial_ddf: ``(1, ndim, *S)`` starting field (voxels; e.g. a network's prediction): a
+            ``ddf`` transform refines it additively, ``bspline``/``svf`` compose their field
+            before it (``x -> x + initial(x + v(x))`` with ``v`` optimised).
+        windows: LNCC window (odd, level voxels) per level; default 5 on levels coarser than
+            half resolution, else 7 (on 1-2 mm images, about 1-2 cm).
+        loss_options: keyword arguments per loss term, as for :func:`build_loss`.
+        smoothing: Gaussian sigma (level voxels) applied to dense-field parameters at every
+            evaluation (``ddf``, ``svf``).
+        control_spacing: B-spline control-point spacing in voxels of the input grid.
+        integration_steps: scaling-and-squaring steps for ``svf``.
+        device: where to compute (default: ``fixed``'s device).
+
+    Returns:
+        :class:`RegistrationResult`.
+    """
+    start = time.perf_counter()
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {list(TRANSFORMS)}, got {transform!r}")
+    if init not in ("com", "identity"):
+        raise ValueError(f"init must be 'com' or 'identity', got {init!r}")
+    if affine_model not in AFFINE_TRANSFORMS:
+        raise ValueError(f"affine_model must be 'rigid' or 'affine', got {affine_model!r}")
+    device = torch.device(device) if device is not None else fixed.device
+    _check_image(fixed, "fixed", None)
+    shape = tuple(fixed.shape[2:])
+    ndim = len(shape)
+    _check_image(moving, "moving", shape)
+    fixed = fixed.to(device, torch.float32)
+    moving = moving.to(device, torch.float32)
+    masks = {}
+    for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
+        if mask is not None:
+            _check_image(mask, name, shape)
+            if mask.shape[1] != 1:
+                raise ValueError(f"{name} must have one channel, got {tuple(mask.shape)}")
+            masks[name] = mask.to(device, torch.float32)
+    landmarks = None
+    if (fixed_landmarks is None) != (moving_landmarks is None):
+        raise ValueError("fixed_landmarks and moving_landmarks must be given together")
+    if fixed_landmarks is not None:
+        fixed_points = torch.as_tensor(fixed_landmarks, dtype=torch.float32, device=device)
+        moving_points = torch.as_tensor(moving_landmarks, dtype=torch.float32, device=device)
+        if fixed_points.dim() != 2 or fixed_points.shape[1] != ndim:
+            raise ValueError(
+                f"landmarks must have shape (N, {ndim}), got {tuple(fixed_points.shape)}"
+            )
+        if fixed_points.shape != moving_points.shape:
+            raise ValueError(
+                f"fixed landmarks {tuple(fixed_points.shape)} and moving landmarks "
+                f"{tuple(moving_points.shape)} must correspond one to one"
+            )
+        landmarks = (fixed_points, moving_points)
+    if not loss and landmarks is None:
+        raise ValueError("loss is empty and no landmarks are given: nothing to optimise")
+    spacing_tensor = None
+    if spacing is not None:
+        spacing = [float(s) for s in spacing]
+        if len(spacing) != ndim or min(spacing) <= 0:
+            raise ValueError(f"spacing needs {ndim} positive values, got {spacing}")
+        spacing_tensor = torch.tensor(spacing, device=device)
+    if initial_ddf is not None:
+        if transform in AFFINE_TRANSFORMS:
+            raise ValueError(f"initial_ddf needs a deformable transform, got {transform!r}")
+        if tuple(initial_ddf.shape) != (1, ndim, *shape):
+            raise ValueError(
+                f"initial_ddf must have shape {(1, ndim, *shape)}, got {tuple(initial_ddf.shape)}"
+            )
+        initial_ddf = initial_ddf.detach().to(device, torch.float32)
+
+    shapes = level_shapes(shape, levels)
+    deformable = transform in DEFORMABLE_TRANSFORMS
+    iterations = _check_per_level(
+        iterations if iterations is not None else _default_iterations(transform, levels),
+        levels,
+        "iterations",
+    )
+    windows = _check_per_level(
+        windows if windows is not None else [5] * max(levels - 2, 0) + [7] * min(levels, 2),
+        levels,
+        "windows",
+    )
+    pyramid = [
+        _Level(
+            index=index,
+            shape=level_shape,
+            step=level_step(shape, level_shape),
+            fixed=downsample(fixed, level_shape),
+            moving=downsample(moving, level_shape),
+            fixed_mask=(
+                downsample(masks["fixed_mask"], level_shape) if "fixed_mask" in masks else None
+            ),
+            moving_mask=(
+                downsample(masks["moving_mask"], level_shape) if "moving_mask" in masks else None
+            ),
+            loss=_level_loss(loss, weights, loss_options, windows[index]),
+        )
+        for index, level_shape in enumerate(shapes)
+    ]
+    history: list[LevelHistory] = []
+
+    def objective(level, matrix, local):
+        return _objective(level, matrix, local, landmarks, landmark_weight, spacing_tensor)
+
+    # Affine stage.
+    affine = None
+    run_affine = transform in AFFINE_TRANSFORMS or (affine_first and initial_ddf is None)
+    if run_affine or init == "com":
+        translation = torch.zeros(ndim, device=device)
+        if init == "com" and initial_ddf is None:
+            translation = centre_of_mass_translation(
+                fixed, moving, masks.get("fixed_mask"), masks.get("moving_mask")
+            ).float()
+        kind = transform if transform in AFFINE_TRANSFORMS else affine_model
+        affine = AffineParameters(shape, kind, translation, spacing).to(device)
+    if run_affine:
+        kind = affine.kind
+        affine_steps = (
+            iterations
+            if not deformable
+            else _check_per_level(
+                affine_iterations
+                if affine_iterations is not None
+                else _default_iterations(kind, levels),
+                levels,
+                "affine_iterations",
+            )
+        )
+        rate = lr if not deformable else affine_lr
+        rate = DEFAULT_LR[kind] if rate is None else rate
+        for level in pyramid:
+            record = LevelHistory(kind, level.index, level.shape)
+            history.append(record)
+            _optimise(
+                list(affine.parameters()),
+                lambda level=level: objective(level, affine.matrix(), None),
+                affine_steps[level.index],
+                rate * _mean(level.step),
+                record,
+            )
+    matrix = None if affine is None else affine.matrix().detach()
+
+    # Deformable stage.
+    local_full = None
+    if deformable:
+        rate = DEFAULT_LR[transform] if lr is None else lr
+        carried = initial_ddf if transform == "ddf" else None
+        bspline = None
+        if transform == "bspline":
+            grid_shape = control_grid_shape(shape, control_spacing)
+            bspline = BSplineField(torch.zeros(1, ndim, *grid_shape, device=device))
+        for level in pyramid:
+            initial = None
+            if initial_ddf is not None and transform != "ddf":
+                initial = resize_ddf(initial_ddf, level.shape)
+            if carried is None:
+                carried = torch.zeros(1, ndim, *level.shape, device=device)
+            carried = resize_ddf(carried, level.shape)
+            if bspline is not None:
+                params = list(bspline.parameters())
+                level_rate = rate * _mean(level.step)
+
+                def local_field(level=level, initial=initial):
+                    return after(initial, bspline(level.shape, level.step))
+            else:
+                dense = DenseField(carried, smoothing, transform == "svf", integration_steps)
+                params, level_rate = list(dense.parameters()), rate
+
+                def local_field(dense=dense, initial=initial):
+                    return after(initial, dense())
+
+            record = LevelHistory(transform, level.index, level.shape)
+            history.append(record)
+            _optimise(
+                params,
+                lambda level=level, local_field=local_field: objective(
+                    level, matrix, local_field()
+                ),
+                iterations[level.index],
+                level_rate,
+                record,
+            )
+            with torch.no_grad():
+                if bspline is None:
+                    carried = dense.field().detach()
+                if level.index == levels - 1:
+                    local_full = local_field().detach()
+    with torch.no_grad():
+        grid = identity_grid(shape, device, torch.float32)
+        points = grid if local_full is None else grid + local_full
+        if matrix is not None:
+            points = apply_affine(matrix, points)
+        ddf = points - grid
+    return RegistrationResult(
+        ddf=ddf,
+        matrix=matrix,
+        local_ddf=local_full,
+        history=history,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _default_iterations(transform: str, levels: int) -> tuple[int, ...]:
+    """:data:`DEFAULT_ITERATIONS` for ``levels`` levels (extra coarse levels repeat the first)."""
+    base = DEFAULT_ITERATIONS[transform]
+    if levels <= len(base):
+        return base[len(base) - levels :]
+    return (base[0],) * (levels - len(base)) + base
+
+
+def refine(
+    model_ddf: torch.Tensor,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    steps: int = 50,
+    loss: str = "lncc+grad",
+    weights: Mapping[str, float] | None = None,
+    lr: float = 0.1,
+    *,
+    fixed_mask: torch.Tensor | None = None,
+    loss_options: Mapping[str, Mapping[str, Any]] | None = None,
+    window: int = 7,
+    smoothing: float = 1.0,
+) -> torch.Tensor:
+    """Instance optimisation: refine a network's DDF on one pair by ``steps`` Adam steps.
+
+    Optimises ``u = model_ddf + G_smoothing * p`` at full resolution (one level, no affine
+    stage) against ``loss`` (e.g. ``"lncc+grad"``, :func:`regnet.losses.build_loss`).
+
+    Args:
+        model_ddf: ``(1, ndim, *S)`` starting DDF, voxels of the fixed grid (backward).
+        fixed, moving: ``(1, C, *S)`` images on that grid.
+        steps: Adam steps (0 returns ``model_ddf`` unchanged).
+        loss, weights, loss_options: loss spec, weight and keyword arguments per term.
+        lr: Adam learning rate in voxels.
+        fixed_mask: optional ``(1, 1, *S)`` mask restricting the similarity.
+        window: LNCC window (voxels).
+        smoothing: Gaussian sigma (voxels) applied to the update parameters each evaluation.
+
+    Returns:
+        The refined DDF ``(1, ndim, *S)`` on ``model_ddf``'s device, detached.
+    """
+    if steps < 0:
+        raise ValueError(f"refine steps must be >= 0, got {steps}")
+    if steps == 0:
+        return model_ddf.detach()
+    result = register(
+        fixed,
+        moving,
+        transform="ddf",
+        loss=loss,
+        weights=weights,
+        levels=1,
+        iterations=(steps,),
+        lr=lr,
+        fixed_mask=fixed_mask,
+        init="identity",
+        affine_first=False,
+        initial_ddf=model_ddf,
+        windows=(window,),
+        loss_options=loss_options,
+        smoothing=smoothing,
+        device=model_ddf.device,
+    )
+    return result.ddf

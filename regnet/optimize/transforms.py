@@ -1,0 +1,112 @@
+"""Optimisable transformation models: affine (rigid/affine) parameters and deformable fields.
+
+Units: the affine model works in *full-resolution* voxels of the fixed grid (its matrix maps
+fixed voxel to moving voxel coordinates, :mod:`regnet.spatial`); B-spline control points hold
+full-resolution voxels too, so one control grid serves every pyramid level. Dense fields (DDF
+and stationary velocity) live on one pyramid level and hold voxels of that level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from regnet.optimize.pyramid import gaussian_smooth
+from regnet.spatial import affine_matrix, bspline_to_ddf, compose, integrate
+from regnet.spatial.affine import image_centre
+
+
+class AffineParameters(nn.Module):
+    """Rigid (translation + rotation) or affine (+ log-scale, shear) parameters about the image
+    centre, with ``spacing`` (mm) so that rotations are rigid in world space.
+
+    Rotation, log-scale and shear are stored multiplied by ``radius`` (half the mean image
+    extent, voxels), so one unit of every parameter moves the image border by about one voxel
+    and a single Adam learning rate (voxels) suits them all.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        kind: str,
+        translation: torch.Tensor,
+        spacing: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in ("rigid", "affine"):
+            raise ValueError(f"affine kind must be 'rigid' or 'affine', got {kind!r}")
+        ndim = len(shape)
+        angles = 1 if ndim == 2 else 3
+        self.ndim, self.kind = ndim, kind
+        self.centre = image_centre(shape)
+        self.spacing = None if spacing is None else [float(s) for s in spacing]
+        self.radius = max(1.0, sum(n - 1 for n in shape) / (2 * ndim))
+        dtype = torch.float32
+        self.translation = nn.Parameter(translation.detach().to(dtype).reshape(1, ndim).clone())
+        self.rotation = nn.Parameter(torch.zeros(1, angles, device=translation.device))
+        if kind == "affine":
+            self.log_scale = nn.Parameter(torch.zeros(1, ndim, device=translation.device))
+            self.shear = nn.Parameter(torch.zeros(1, angles, device=translation.device))
+
+    def matrix(self) -> torch.Tensor:
+        """``(1, ndim+1, ndim+1)`` map from full-resolution fixed to moving voxel coordinates."""
+        extra = {}
+        if self.kind == "affine":
+            extra = {"log_scale": self.log_scale / self.radius, "shear": self.shear / self.radius}
+        return affine_matrix(
+            self.translation,
+            self.rotation / self.radius,
+            centre=self.centre,
+            spacing=self.spacing,
+            **extra,
+        )
+
+
+class BSplineField(nn.Module):
+    """Cubic B-spline control points ``(1, ndim, *G)``, displacements in full-resolution voxels,
+    on a control grid covering the image (see :mod:`regnet.spatial.bspline`)."""
+
+    def __init__(self, control_points: torch.Tensor) -> None:
+        super().__init__()
+        self.control_points = nn.Parameter(control_points)
+
+    def forward(self, shape: Sequence[int], step: Sequence[float]) -> torch.Tensor:
+        """Displacement ``(1, ndim, *shape)`` in voxels of a level grid ``step`` times coarser."""
+        ddf = bspline_to_ddf(self.control_points, shape)
+        scale = torch.tensor(step, device=ddf.device, dtype=ddf.dtype)
+        return ddf / scale.view(1, -1, *([1] * len(shape)))
+
+
+class DenseField(nn.Module):
+    """A dense field on one pyramid level: ``base + G_sigma * p`` with ``p`` optimised.
+
+    ``base`` ``(1, ndim, *S)`` is the field carried from the coarser level (level voxels).
+    Smoothing the free parameters by a Gaussian of ``sigma`` level voxels on every evaluation
+    keeps each update smooth (the gradient reaching ``p`` is the smoothed similarity gradient).
+    ``diffeomorphic`` treats the field as a stationary velocity and returns its exponential
+    (scaling and squaring, ``steps``); otherwise it is the displacement itself.
+    """
+
+    def __init__(
+        self, base: torch.Tensor, sigma: float, diffeomorphic: bool, steps: int = 7
+    ) -> None:
+        super().__init__()
+        self.register_buffer("base", base.detach())
+        self.free = nn.Parameter(torch.zeros_like(base))
+        self.sigma, self.diffeomorphic, self.steps = float(sigma), diffeomorphic, steps
+
+    def field(self) -> torch.Tensor:
+        """The optimised displacement or velocity ``(1, ndim, *S)`` (level voxels)."""
+        return self.base + gaussian_smooth(self.free, self.sigma)
+
+    def forward(self) -> torch.Tensor:
+        """Displacement ``(1, ndim, *S)`` in level voxels."""
+        field = self.field()
+        return integrate(field, self.steps) if self.diffeomorphic else field
+
+
+def after(initial: torch.Tensor | None, ddf: torch.Tensor) -> torch.Tensor:
+    """``ddf`` followed by ``initial`` (point map ``x -> T_initial(x + ddf(x))``), or ``ddf``."""
+    return ddf if initial is None else compose(initial, ddf)

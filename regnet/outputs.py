@@ -1,0 +1,246 @@
+"""Writing a registration result into an output folder, in the fixed image's space and header.
+
+Files (names fixed; :data:`OUTPUT_FILES`), all on the fixed image's grid with its affine as sform
+and qform (codes and other header fields copied from the fixed file where it is NIfTI):
+
+``warped.nii.gz``
+    the moving image resampled once onto the fixed grid (linear), float32.
+``warped_labels.nii.gz``
+    the moving label map resampled once (nearest), integer dtype (only with labels).
+``disp_mm.nii.gz``
+    the backward displacement in mm with **RAS** components, NIfTI vector image
+    (``NIFTI_INTENT_DISPVECT``, :func:`regnet.spatial.world.save_displacement_nifti`).
+``itk_warp.nii.gz``
+    the same field as an ITK/ANTs displacement-field transform (**LPS** components):
+    ``antsApplyTransforms -i moving -r fixed -t itk_warp.nii.gz`` and SimpleITK's
+    ``Resample(moving, fixed, DisplacementFieldTransform(field))`` reproduce ``warped.nii.gz``.
+``jacdet.nii.gz``
+    Jacobian determinant of the transform per fixed voxel, float32 (``<= 0``: folding).
+``metrics.json``
+    metrics (see :func:`regnet.pipeline.registration_metrics`), ``seconds``, input files,
+    method and software versions.
+``overview.png``
+    middle slices of fixed, moving, warped, differences, checkerboard, deformed grid and Jacobian
+    (:func:`regnet.visualize.make_panel`), moving and warped shown on the fixed grid.
+
+Safety: :func:`check_output_dir` refuses a folder that already holds files unless ``overwrite``;
+:func:`staged_output` writes into a temporary sibling folder and moves the files into place only
+when everything was written, so a failure leaves no half-written results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from torchvision.utils import save_image
+
+from regnet import __version__
+from regnet.pipeline import GridField, PairInputs, RegistrationResult, Volume
+from regnet.spatial.world import (
+    save_displacement_nifti,
+    save_itk_displacement,
+    warp_world,
+    world_to_ddf,
+)
+from regnet.visualize import make_panel
+
+OUTPUT_FILES = {
+    "warped": "warped.nii.gz",
+    "warped_labels": "warped_labels.nii.gz",
+    "disp_mm": "disp_mm.nii.gz",
+    "itk_warp": "itk_warp.nii.gz",
+    "jacdet": "jacdet.nii.gz",
+    "metrics": "metrics.json",
+    "overview": "overview.png",
+}
+"""Output file name by role."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder already holds results and ``overwrite`` is off; the message is
+    ``<folder>: <problem>``."""
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an output folder that exists and is not empty, unless ``overwrite``.
+
+    Raises:
+        OutputExistsError: also when ``out_dir`` exists but is not a folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"{out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{out_dir}: output folder already holds results; pass overwrite=true to replace them"
+        )
+
+
+@contextmanager
+def staged_output(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder to write into; on success move its contents to
+    ``out_dir``, on any exception delete it and leave ``out_dir`` as it was.
+
+    A missing ``out_dir`` is created by renaming the staging folder (atomic); otherwise each
+    entry replaces its namesake in ``out_dir`` (files with other names stay). The folder is
+    checked with :func:`check_output_dir` first and again just before the move.
+    """
+    out_dir = Path(out_dir).absolute()
+    check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        yield staging
+        check_output_dir(out_dir, overwrite)
+        if not out_dir.exists():
+            os.replace(staging, out_dir)
+            return
+        for entry in sorted(staging.iterdir()):
+            target = out_dir / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _fixed_header(fixed: Volume, dtype: np.dtype) -> nib.Nifti1Header:
+    """The fixed file's header (or a new one) for data of ``dtype``, scaling reset."""
+    header = fixed.header.copy() if fixed.header is not None else nib.Nifti1Header()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(None, None)
+    header.set_intent("none")
+    return header
+
+
+def save_like_fixed(path: str | Path, data: np.ndarray, fixed: Volume) -> Path:
+    """Save a 3D array ``(I, J, K)`` on the fixed grid with the fixed image's affine and header
+    (sform/qform codes kept from the fixed file; 1 when it had none)."""
+    data = np.asarray(data)
+    if data.shape != fixed.shape:
+        raise ValueError(f"{path}: data shape {data.shape} differs from fixed shape {fixed.shape}")
+    header = _fixed_header(fixed, data.dtype)
+    image = nib.Nifti1Image(data, fixed.affine, header=header)
+    sform_code = int(header["sform_code"]) or 1
+    qform_code = int(header["qform_code"]) or 1
+    image.set_sform(fixed.affine, code=sform_code)
+    image.set_qform(fixed.affine, code=qform_code)
+    nib.save(image, str(path))
+    return Path(path)
+
+
+def label_dtype(labels: np.ndarray) -> np.dtype:
+    """Smallest of uint8, int16, int32, int64 holding every value of an integer label map."""
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    for dtype in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of regnet, Python and the libraries that shape the numbers."""
+    versions = {"regnet": __version__, "python": platform.python_version()}
+    for package in ("torch", "monai", "nibabel", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def metrics_record(inputs: PairInputs, result: RegistrationResult) -> dict[str, Any]:
+    """The content of ``metrics.json``: the result's metrics, then ``inputs`` (files by role),
+    ``info`` (method and settings given to :func:`regnet.pipeline.complete_registration`) and
+    ``versions``."""
+    return _json_ready(
+        {
+            **result.metrics,
+            "inputs": inputs.describe(),
+            "info": result.info,
+            "versions": software_versions(),
+        }
+    )
+
+
+def overview_image(inputs: PairInputs, result: RegistrationResult) -> torch.Tensor:
+    """RGB overview ``(3, H, W)`` in ``[0, 1]`` on the fixed grid (see the module docstring)."""
+    fixed = inputs.fixed
+    moving_on_fixed = warp_world(
+        inputs.moving.data,
+        inputs.moving.affine,
+        GridField.zeros(fixed.shape, fixed.affine).disp_mm,
+        fixed.affine,
+    )
+    ddf = world_to_ddf(result.field.disp_mm, fixed.affine)
+    return make_panel(fixed.data[0], moving_on_fixed[0], result.warped[0], ddf[0])
+
+
+def write_registration(
+    out_dir: str | Path,
+    inputs: PairInputs,
+    result: RegistrationResult,
+    overwrite: bool = False,
+    overview: bool = True,
+) -> dict[str, Path]:
+    """Write every output of :data:`OUTPUT_FILES` that applies into ``out_dir`` (see the module
+    docstring), staged so that ``out_dir`` gets all files or none.
+
+    Returns:
+        Final path by role.
+
+    Raises:
+        OutputExistsError: ``out_dir`` already holds files and ``overwrite`` is false.
+    """
+    fixed = inputs.fixed
+    written: dict[str, str] = {}
+    with staged_output(out_dir, overwrite) as staging:
+
+        def target(role: str) -> Path:
+            written[role] = OUTPUT_FILES[role]
+            return staging / OUTPUT_FILES[role]
+
+        save_like_fixed(target("warped"), result.warped[0, 0].numpy().astype(np.float32), fixed)
+        if result.warped_labels is not None:
+            labels = result.warped_labels[0, 0].numpy()
+            save_like_fixed(target("warped_labels"), labels.astype(label_dtype(labels)), fixed)
+        disp = result.field.disp_mm.float()
+        save_displacement_nifti(target("disp_mm"), disp, fixed.affine)
+        save_itk_displacement(target("itk_warp"), disp, fixed.affine)
+        save_like_fixed(target("jacdet"), result.jacobian.numpy().astype(np.float32), fixed)
+        if overview:
+            save_image(overview_image(inputs, result), target("overview"))
+        record = metrics_record(inputs, result)
+        record["outputs"] = dict(written, metrics=OUTPUT_FILES["metrics"])
+        target("metrics").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    final = Path(out_dir)
+    return {role: final / name for role, name in written.items()}

@@ -1,0 +1,174 @@
+"""Classical baselines on the demo validation pairs: no registration, ANTs affine, ANTs SyN.
+
+Each validation pair of a Learn2Reg-layout folder (default ``data/demo/3d_2mm``, written by
+``scripts/prepare_demo.py``) is preprocessed exactly as the networks see it
+(:class:`regnet.data.Learn2RegDataset`: RAS, ``--spacing`` mm, ``--shape`` voxels, [0, 1]
+intensities) and registered by ANTs (``Affine``; ``SyN``: affine then SyN with
+``--syn-iterations``) on that grid (both images get origin 0, identity direction and the
+network spacing, so the result is a field on the fixed network grid like a network's).
+The moving labels are warped with ``genericLabel`` interpolation and scored against the fixed
+labels with :mod:`regnet.metrics`: mean Dice over the fixed image's labels, mean HD95 (mm),
+% of voxels with ``det J <= 0`` and SDlogJ of the composed displacement field, and seconds per
+pair (registration only).
+
+Needs antspyx (optional ``baselines`` extra: ``pip install 'regnet[baselines]'``).
+
+Usage: ``python scripts/baselines.py [--data data/demo/3d_2mm] [--methods none,affine,syn]
+[--csv results.csv] [--threads 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from regnet.data.layouts import Learn2RegDataset
+from regnet.metrics import dice_per_label, hd95, jacobian_stats
+
+ANTS_TRANSFORMS = {"affine": "Affine", "syn": "SyN"}
+
+
+def import_ants():
+    """antspyx, imported only when an ANTs method is requested."""
+    try:
+        import ants
+    except ImportError as error:
+        raise SystemExit(
+            "scripts/baselines.py: ANTs methods need antspyx; install it with "
+            "pip install 'regnet[baselines]' (or run with --methods none)"
+        ) from error
+    return ants
+
+
+def ants_image(ants, array: np.ndarray, spacing: tuple[float, ...]):
+    """An ANTs image of a network-grid array: origin 0, identity direction, ``spacing`` mm."""
+    return ants.from_numpy(np.ascontiguousarray(array, dtype=np.float32), spacing=spacing)
+
+
+def register(
+    ants, method: str, item: dict, spacing: tuple[float, ...], syn_iterations: tuple[int, ...]
+):
+    """Run one ANTs registration; returns ``(warped_moving_label, ddf_voxels, seconds)``.
+
+    ``ddf_voxels`` is ``(ndim, *S)`` on the fixed grid, backward (fixed voxel ``x`` -> moving
+    voxel ``x + u(x)``), components in array axis order, as in :mod:`regnet.spatial`.
+    """
+    fixed = ants_image(ants, item["fixed"][0].numpy(), spacing)
+    moving = ants_image(ants, item["moving"][0].numpy(), spacing)
+    start = time.perf_counter()
+    options = {"reg_iterations": syn_iterations} if method == "syn" else {}
+    result = ants.registration(fixed, moving, type_of_transform=ANTS_TRANSFORMS[method], **options)
+    seconds = time.perf_counter() - start
+    moving_label = ants_image(ants, item["moving_label"][0].numpy(), spacing)
+    warped = ants.apply_transforms(
+        fixed, moving_label, result["fwdtransforms"], interpolator="genericLabel"
+    ).numpy()
+    with tempfile.TemporaryDirectory() as folder:
+        field_path = ants.apply_transforms(
+            fixed, moving, result["fwdtransforms"], compose=os.path.join(folder, "field_")
+        )
+        field = np.asarray(nib.load(field_path).dataobj, np.float64)
+    # ITK displacement (mm, along the array axes here) of shape (*S, [1,] ndim) -> voxels
+    field = field.reshape(*fixed.shape, len(spacing))
+    ddf = np.moveaxis(field, -1, 0) / np.asarray(spacing).reshape(-1, *[1] * len(spacing))
+    return np.rint(warped).astype(np.int64), ddf, seconds
+
+
+def score(item: dict, warped_label: np.ndarray, ddf: np.ndarray | None, spacing) -> dict:
+    """Mean Dice and HD95 over the fixed image's labels; folding and SDlogJ of ``ddf``."""
+    fixed_label = item["fixed_label"][0].numpy()
+    labels = [int(k) for k in np.unique(fixed_label) if k > 0]
+    dice = dice_per_label(warped_label, fixed_label, labels)
+    distances = [d for d in hd95(warped_label, fixed_label, spacing, labels).values()]
+    row = {
+        "dice": float(np.mean(list(dice.values()))),
+        "hd95_mm": float(np.mean([d for d in distances if np.isfinite(d)])),
+        "folding_percent": 0.0,
+        "sdlogj": 0.0,
+    }
+    if ddf is not None:
+        row.update(jacobian_stats(ddf))
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/demo/3d_2mm"))
+    parser.add_argument("--spacing", type=float, nargs="+", default=[2.0, 2.0, 2.0])
+    parser.add_argument("--shape", type=int, nargs="+", default=[96, 112, 96])
+    parser.add_argument("--methods", default="none,affine,syn")
+    parser.add_argument("--csv", type=Path, default=None, help="per-pair results")
+    parser.add_argument("--threads", type=int, default=None, help="ITK threads")
+    parser.add_argument(
+        "--syn-iterations",
+        default="40,20,10",
+        help="SyN iterations per level, coarse to fine (antspyx default 40,20,0 skips the finest)",
+    )
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - {"none", *ANTS_TRANSFORMS}
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from none, affine, syn")
+    if args.threads:
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+    ants = import_ants() if set(methods) & set(ANTS_TRANSFORMS) else None
+    dataset_json = args.data / "dataset.json"
+    if not dataset_json.is_file():
+        raise SystemExit(f"{dataset_json}: not found; run python scripts/prepare_demo.py first")
+    syn_iterations = tuple(int(n) for n in args.syn_iterations.split(","))
+    ndim = len(args.shape)
+    spacing = tuple(float(s) for s in args.spacing)
+    pairs = Learn2RegDataset(
+        dataset_json, split="val", ndim=ndim, spacing=spacing, shape=args.shape
+    )
+    rows = []
+    for index in range(len(pairs)):
+        item = pairs[index]
+        for method in methods:
+            if method == "none":
+                warped, ddf, seconds = item["moving_label"][0].numpy(), None, 0.0
+            else:
+                warped, ddf, seconds = register(ants, method, item, spacing, syn_iterations)
+            row = {
+                "method": method,
+                "fixed": Path(item["fixed_path"]).name,
+                "moving": Path(item["moving_path"]).name,
+                **score(item, warped, ddf, spacing),
+                "seconds": seconds,
+            }
+            rows.append(row)
+            print(
+                f"{method:7s} {row['fixed']} <- {row['moving']}: Dice {row['dice']:.3f}  "
+                f"HD95 {row['hd95_mm']:.2f} mm  folding {row['folding_percent']:.3f} %  "
+                f"{seconds:.1f} s"
+            )
+    print("\nmethod   Dice            HD95 (mm)      folding (%)   SDlogJ   s/pair")
+    for method in methods:
+        chosen = [r for r in rows if r["method"] == method]
+        mean = {
+            k: np.mean([r[k] for r in chosen])
+            for k in chosen[0]
+            if k not in ("method", "fixed", "moving")
+        }
+        std = np.std([r["dice"] for r in chosen])
+        print(
+            f"{method:7s}  {mean['dice']:.3f} ± {std:.3f}   {mean['hd95_mm']:6.2f}"
+            f"         {mean['folding_percent']:7.3f}      {mean['sdlogj']:.3f}   "
+            f"{mean['seconds']:.1f}"
+        )
+    if args.csv is not None:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Speed and agreement of regnet's hot operations against MONAI, on the same tensors.
+
+Compared (``run_ops_benchmark``):
+
+* LNCC, window 9, forward + backward (gradient with respect to the warped image):
+  :func:`regnet.losses.local_ncc` vs ``monai.losses.LocalNormalizedCrossCorrelationLoss(
+  kernel_size=9, kernel_type="rectangular")``; agreement of the loss value and of the gradient.
+* Backward warping, linear interpolation, border padding, forward and forward + backward
+  (gradients with respect to the image and the field): :func:`regnet.spatial.warp` vs
+  ``monai.networks.blocks.Warp``. Both take the DDF in voxels with components in tensor-axis
+  order and map backward (``out(x) = image(x + ddf(x))``), so the same field goes to both.
+  Warped images agree to float32 rounding. The field gradients differ only at the few sample
+  points that lie within float32 rounding of a grid line, where the derivative of linear
+  interpolation jumps and the two coordinate computations land on different sides (checked at
+  96^3: 8 of 2.65M values differ by more than 1e-3, all within 8e-6 voxels of a grid line); the
+  table counts them.
+
+Timing: one warm-up call of each, then ``repeats`` rounds that alternate regnet and MONAI, so
+both see the same machine load; the tables report medians in seconds. Run
+``python scripts/benchmarks/ops.py --shape 160,192,224`` (or ``scripts/benchmark.py ops``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.losses import LocalNormalizedCrossCorrelationLoss
+from monai.networks.blocks import Warp
+
+from regnet.losses import local_ncc
+from regnet.spatial import warp
+
+LNCC_WINDOW = 9
+MAX_DISPLACEMENT = 4.0  # voxels
+KINK_TOLERANCE = 1e-3
+SEED = 0
+
+
+def _smooth_random(shape: Sequence[int], channels: int, generator: torch.Generator) -> torch.Tensor:
+    """Random field ``(1, channels, *shape)`` in ``[0, 1]``, smooth on a scale of ~8 voxels."""
+    coarse = torch.rand(1, channels, *[max(2, n // 8) for n in shape], generator=generator)
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return F.interpolate(coarse, size=tuple(shape), mode=mode, align_corners=True)
+
+
+def make_inputs(shape: Sequence[int], device: str) -> dict[str, torch.Tensor]:
+    """Fixed and moving images ``(1, 1, *shape)`` (smooth structure plus noise) and a smooth
+    DDF ``(1, ndim, *shape)`` of up to ``MAX_DISPLACEMENT`` voxels, all float32."""
+    generator = torch.Generator().manual_seed(SEED)
+    ndim = len(shape)
+    moving = _smooth_random(shape, 1, generator) + 0.1 * torch.rand(
+        1, 1, *shape, generator=generator
+    )
+    fixed = 0.8 * moving + 0.2 * torch.rand(1, 1, *shape, generator=generator)
+    ddf = (2.0 * _smooth_random(shape, ndim, generator) - 1.0) * MAX_DISPLACEMENT
+    return {"fixed": fixed.to(device), "moving": moving.to(device), "ddf": ddf.to(device)}
+
+
+def _timed(function: Callable[[], object], device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    function()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _compare(
+    name: str,
+    ours: Callable[[], object],
+    theirs: Callable[[], object],
+    repeats: int,
+    device: str,
+) -> dict[str, float | str]:
+    """Median seconds of two callables, alternated after one warm-up call each."""
+    ours()
+    theirs()
+    times_ours, times_theirs = [], []
+    for _ in range(repeats):
+        times_ours.append(_timed(ours, device))
+        times_theirs.append(_timed(theirs, device))
+    ours_s, theirs_s = statistics.median(times_ours), statistics.median(times_theirs)
+    return {
+        "operation": name,
+        "regnet s": ours_s,
+        "MONAI s": theirs_s,
+        "speed-up": theirs_s / ours_s,
+    }
+
+
+def _lncc_rows(inputs: dict[str, torch.Tensor], repeats: int, device: str) -> list[dict]:
+    ndim = inputs["fixed"].dim() - 2
+    fixed = inputs["fixed"]
+    monai_lncc = LocalNormalizedCrossCorrelationLoss(
+        spatial_dims=ndim, kernel_size=LNCC_WINDOW, kernel_type="rectangular"
+    ).to(device)
+
+    def run(loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, torch.Tensor]:
+        warped = inputs["moving"].clone().requires_grad_()
+        value = loss_fn(warped)
+        value.backward()
+        return value.item(), warped.grad
+
+    def ours():
+        return run(lambda warped: local_ncc(fixed, warped, LNCC_WINDOW))
+
+    def theirs():
+        return run(lambda warped: monai_lncc(warped, fixed))
+
+    (value_ours, grad_ours), (value_theirs, grad_theirs) = ours(), theirs()
+    row = _compare(f"LNCC (window {LNCC_WINDOW}) forward+backward", ours, theirs, repeats, device)
+    row["max abs diff"] = abs(value_ours - value_theirs)
+    row["compared"] = (
+        f"loss value ({value_ours:.6f}); gradient: {_max_diff(grad_ours, grad_theirs):.2g}"
+    )
+    return [row]
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _warp_rows(inputs: dict[str, torch.Tensor], repeats: int, device: str) -> list[dict]:
+    moving, ddf = inputs["moving"], inputs["ddf"]
+    with warnings.catch_warnings():
+        # MONAI warns on construction that it falls back to PyTorch's grid_sample.
+        warnings.simplefilter("ignore", UserWarning)
+        monai_warp = Warp(mode="bilinear", padding_mode="border")
+    upstream = torch.rand(moving.shape, generator=torch.Generator().manual_seed(SEED + 1))
+    upstream = upstream.to(device)
+
+    def forward_ours():
+        with torch.no_grad():
+            return warp(moving, ddf)
+
+    def forward_theirs():
+        with torch.no_grad():
+            return monai_warp(moving, ddf)
+
+    def backward(warp_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        image = moving.clone().requires_grad_()
+        field = ddf.clone().requires_grad_()
+        (warp_fn(image, field) * upstream).sum().backward()
+        return image.grad, field.grad
+
+    def backward_ours():
+        return backward(warp)
+
+    def backward_theirs():
+        return backward(monai_warp)
+
+    forward_row = _compare(
+        "warp (linear, border) forward", forward_ours, forward_theirs, repeats, device
+    )
+    forward_row["max abs diff"] = _max_diff(forward_ours(), forward_theirs())
+    forward_row["compared"] = "warped image"
+    (image_ours, field_ours), (image_theirs, field_theirs) = backward_ours(), backward_theirs()
+    backward_row = _compare(
+        "warp (linear, border) forward+backward", backward_ours, backward_theirs, repeats, device
+    )
+    backward_row["max abs diff"] = _max_diff(field_ours, field_theirs)
+    kinks = int(((field_ours - field_theirs).abs() > KINK_TOLERANCE).sum())
+    backward_row["compared"] = (
+        f"ddf gradient ({kinks} of {field_ours.numel()} values differ by > {KINK_TOLERANCE:g}); "
+        f"image gradient: {_max_diff(image_ours, image_theirs):.2g}"
+    )
+    return [forward_row, backward_row]
+
+
+def run_ops_benchmark(
+    shape: Sequence[int] = (160, 192, 224), repeats: int = 5, device: str = "cpu"
+) -> list[dict]:
+    """Time regnet's LNCC and warp against MONAI's on the same tensors of spatial ``shape``.
+
+    Returns one row per operation: ``operation``, median ``regnet s`` and ``MONAI s``,
+    ``speed-up`` (MONAI / regnet), ``max abs diff`` of the quantity named in ``compared``.
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) not in (2, 3) or min(shape) < 2:
+        raise ValueError(f"shape must hold 2 or 3 sizes >= 2, got {shape}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    inputs = make_inputs(shape, device)
+    return _lncc_rows(inputs, repeats, device) + _warp_rows(inputs, repeats, device)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Rows of :func:`run_ops_benchmark` as a Markdown table."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    for row in rows:
+        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="160,192,224", help="spatial size, e.g. 160,192,224")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after warm-up")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    args = parser.parse_args(argv)
+    try:
+        shape = tuple(int(n) for n in args.shape.replace("x", ",").split(","))
+    except ValueError:
+        parser.error(f"--shape: expected sizes like 160,192,224, got {args.shape!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    rows = run_ops_benchmark(shape, args.repeats, args.device)
+    print(
+        f"Shape {'x'.join(map(str, shape))}, device {args.device}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}\n"
+    )
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

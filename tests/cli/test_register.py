@@ -1,0 +1,117 @@
+"""``register.py`` end to end on NIfTI files in different orientations and spacings."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from regnet.cli.register import main, working_grid
+from regnet.pipeline import load_volume
+
+SHIFT_MM = np.array([4.0, -3.0, 2.0])  # moving content = fixed content moved by this (RAS mm)
+
+
+def world_pattern(points):
+    """A smooth textured function of RAS mm positions ``(..., 3)``."""
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    return (
+        np.sin(0.31 * x + 0.5) * np.cos(0.23 * y - 0.2)
+        + np.sin(0.19 * z + 0.13 * x)
+        + 0.5 * np.cos(0.27 * y + 0.21 * z)
+    )
+
+
+def write_image(path, affine, shape, shift=(0.0, 0.0, 0.0)):
+    """Sample ``world_pattern(p - shift)`` on the grid of ``affine``/``shape``."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    points = index @ affine[:3, :3].T + affine[:3, 3]
+    nib.save(
+        nib.Nifti1Image(world_pattern(points - np.asarray(shift)).astype(np.float32), affine), path
+    )
+    return path
+
+
+@pytest.fixture
+def pair(tmp_path):
+    # fixed: LPS-like axes (x and y flipped), 2 mm; moving: RAS, 2.5 mm, larger field of view
+    fixed_affine = np.array(
+        [[-2.0, 0, 0, 18.0], [0, -2.0, 0, 20.0], [0, 0, 2.0, -16.0], [0, 0, 0, 1]]
+    )
+    moving_affine = np.array(
+        [[2.5, 0, 0, -26.0], [0, 2.5, 0, -28.0], [0, 0, 2.5, -24.0], [0, 0, 0, 1]]
+    )
+    fixed = write_image(tmp_path / "fixed.nii.gz", fixed_affine, (18, 20, 16))
+    moving = write_image(tmp_path / "moving.nii.gz", moving_affine, (22, 24, 20), SHIFT_MM)
+    return fixed, moving, fixed_affine
+
+
+def test_working_grid_is_ras_over_the_fixed_field_of_view(pair):
+    fixed_path, _, affine = pair
+    grid_affine, shape = working_grid(load_volume(fixed_path), 1.0)
+    assert shape == (35, 39, 31)
+    np.testing.assert_allclose(grid_affine[:3, :3], np.eye(3))
+    # the corners of the fixed image are corners of the working grid
+    np.testing.assert_allclose(grid_affine[:3, 3], affine[:3, :3] @ [17, 19, 0] + affine[:3, 3])
+
+
+def test_register_recovers_a_world_translation(pair, tmp_path):
+    fixed, moving, fixed_affine = pair
+    out = tmp_path / "out"
+    main(
+        [
+            f"fixed={fixed}",
+            f"moving={moving}",
+            "transform=rigid",
+            "spacing=2",
+            f"out={out}",
+            "device=cpu",
+            "levels=2",
+            "iterations=[60,40]",
+        ]
+    )
+    disp = nib.load(out / "disp_mm.nii.gz")
+    np.testing.assert_allclose(disp.affine, fixed_affine, atol=1e-5)
+    vectors = np.asarray(disp.dataobj)[..., 0, :]  # (I, J, K, 3) RAS mm
+    inner = vectors[3:-3, 3:-3, 3:-3].reshape(-1, 3)
+    assert np.linalg.norm(inner - SHIFT_MM, axis=1).mean() < 0.4
+    warped = nib.load(out / "warped.nii.gz")
+    np.testing.assert_allclose(warped.affine, fixed_affine, atol=1e-5)
+    expected = np.asarray(nib.load(fixed).dataobj)
+    residual = np.abs(np.asarray(warped.dataobj) - expected)[3:-3, 3:-3, 3:-3]
+    assert residual.mean() < 0.1 * np.abs(expected).mean()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["folding_percent"] == 0.0
+    assert metrics["info"]["method"] == "register:rigid"
+    world = np.array(metrics["info"]["affine_ras_mm"])
+    np.testing.assert_allclose(world[:3, :3], np.eye(3), atol=0.02)
+    np.testing.assert_allclose(world[:3, 3], SHIFT_MM, atol=0.5)
+
+
+def test_existing_output_is_refused(pair, tmp_path, capsys):
+    fixed, moving, _ = pair
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        main([f"fixed={fixed}", f"moving={moving}", f"out={out}"])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: ") and "overwrite=true" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_missing_file_gives_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "nope.nii.gz"
+    with pytest.raises(SystemExit) as stop:
+        main([f"fixed={missing}", f"moving={missing}", f"out={tmp_path / 'out'}"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {missing}: file not found"
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_transform_is_named(pair, tmp_path, capsys):
+    fixed, moving, _ = pair
+    with pytest.raises(SystemExit):
+        main([f"fixed={fixed}", f"moving={moving}", "transform=spline", f"out={tmp_path / 'o'}"])
+    assert capsys.readouterr().err.startswith("error: transform=spline: expected one of rigid")

@@ -1,0 +1,260 @@
+"""Per-pair registration by gradient descent: known transforms are recovered."""
+
+import math
+
+import pytest
+import torch
+
+from regnet.optimize import refine, register
+from regnet.optimize.initialize import centre_of_mass_translation
+from regnet.optimize.pyramid import gaussian_smooth, level_shapes
+from regnet.spatial import affine_matrix, affine_to_ddf, identity_grid, jacobian_determinant, warp
+from regnet.spatial.affine import image_centre
+
+
+def textured(shape, seed=1):
+    """Smooth random texture in [0, 1] (LNCC needs local structure everywhere)."""
+    noise = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(seed))
+    image = gaussian_smooth(noise, 2.0)
+    return (image - image.min()) / (image.max() - image.min())
+
+
+def blobs(shape, centres, width=2.5):
+    """Gaussian blobs on a zero background at ``centres`` (voxels)."""
+    grid = identity_grid(shape)
+    image = torch.zeros(1, 1, *shape)
+    for centre in centres:
+        c = torch.tensor(centre, dtype=torch.float32).view(1, -1, *([1] * len(shape)))
+        image = image + torch.exp(-((grid - c) ** 2).sum(1, keepdim=True) / (2 * width**2))
+    return image
+
+
+def smooth_field(shape, amplitude, sigma, seed=3):
+    noise = torch.randn(1, len(shape), *shape, generator=torch.Generator().manual_seed(seed))
+    field = gaussian_smooth(noise, sigma)
+    return field / field.abs().max() * amplitude
+
+
+def misaligned_pair(shape, matrix):
+    """``fixed`` and ``moving`` with ``warp(moving, affine_to_ddf(matrix)) ≈ fixed``."""
+    fixed = textured(shape)
+    moving = warp(fixed, affine_to_ddf(torch.linalg.inv(matrix), shape))
+    return fixed, moving
+
+
+def mean_error(ddf, truth, margin=3):
+    inner = (slice(None),) * 2 + (slice(margin, -margin),) * (ddf.dim() - 2)
+    return float((ddf - truth)[inner].norm(dim=1).mean())
+
+
+CASES = {
+    2: dict(rotation=[[math.radians(10)]], translation=[[2.0, -1.5]], log_scale=[[0.04, -0.03]]),
+    3: dict(
+        rotation=[[math.radians(6), math.radians(-5), math.radians(7)]],
+        translation=[[1.5, -1.0, 2.0]],
+        log_scale=[[0.04, -0.03, 0.03]],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("shape", "kind"), [((32, 32), "rigid"), ((32, 32), "affine"), ((20, 20, 20), "rigid")]
+)
+def test_affine_misalignment_is_recovered(shape, kind):
+    params = {k: torch.tensor(v) for k, v in CASES[len(shape)].items()}
+    if kind == "rigid":
+        params.pop("log_scale")
+    truth = affine_matrix(**params, centre=image_centre(shape))
+    fixed, moving = misaligned_pair(shape, truth)
+    result = register(
+        fixed, moving, transform=kind, loss="lncc", init="identity", iterations=(60, 40, 30)
+    )
+    true_ddf = affine_to_ddf(truth, shape)
+    assert mean_error(result.ddf, true_ddf) < 0.15
+    ndim = len(shape)
+    torch.testing.assert_close(
+        result.matrix[0, :ndim, :ndim], truth[0, :ndim, :ndim], atol=0.02, rtol=0
+    )
+    assert mean_error(torch.zeros_like(true_ddf), true_ddf) > 1.5  # the task was not trivial
+
+
+def test_affine_3d_with_scaling_is_recovered():
+    shape = (20, 20, 20)
+    truth = affine_matrix(
+        **{k: torch.tensor(v) for k, v in CASES[3].items()}, centre=image_centre(shape)
+    )
+    fixed, moving = misaligned_pair(shape, truth)
+    result = register(fixed, moving, transform="affine", loss="lncc", init="identity")
+    assert mean_error(result.ddf, affine_to_ddf(truth, shape)) < 0.25
+
+
+def test_rigid_is_rigid_in_mm_on_anisotropic_grids():
+    shape, spacing = (32, 16), (1.0, 2.0)
+    truth = affine_matrix(
+        translation=torch.tensor([[1.0, 0.5]]),
+        rotation=torch.tensor([[math.radians(8)]]),
+        centre=image_centre(shape),
+        spacing=spacing,
+    )
+    fixed, moving = misaligned_pair(shape, truth)
+    result = register(fixed, moving, transform="rigid", loss="lncc", spacing=spacing)
+    assert mean_error(result.ddf, affine_to_ddf(truth, shape), margin=2) < 0.15
+    linear_mm = result.matrix[0, :2, :2] * torch.tensor(spacing).view(2, 1) / torch.tensor(spacing)
+    torch.testing.assert_close(linear_mm @ linear_mm.T, torch.eye(2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("transform", ["bspline", "ddf", "svf"])
+def test_smooth_deformation_is_largely_recovered(transform):
+    shape = (32, 32)
+    moving = textured(shape)
+    truth = smooth_field(shape, amplitude=2.5, sigma=4.0)
+    fixed = warp(moving, truth)
+    result = register(
+        fixed,
+        moving,
+        transform=transform,
+        weights={"grad": 0.1},
+        init="identity",
+        affine_first=False,
+        levels=2,
+        iterations=(80, 40),
+    )
+    before = float(truth.norm(dim=1).mean())
+    after = float((result.ddf - truth).norm(dim=1).mean())
+    assert after < 0.3 * before
+    if transform == "svf":
+        assert bool((jacobian_determinant(result.ddf) > 0).all())
+    assert result.local_ddf is not None
+
+
+def test_svf_3d_recovers_deformation_without_folding():
+    shape = (16, 16, 16)
+    moving = textured(shape)
+    truth = smooth_field(shape, amplitude=3.0, sigma=3.0)
+    fixed = warp(moving, truth)
+    result = register(
+        fixed,
+        moving,
+        transform="svf",
+        levels=2,
+        iterations=(80, 60),
+        weights={"grad": 0.1},
+        init="identity",
+        affine_first=False,
+    )
+    before = float(truth.norm(dim=1).mean())
+    assert float((result.ddf - truth).norm(dim=1).mean()) < 0.4 * before
+    assert bool((jacobian_determinant(result.ddf) > 0).all())
+
+
+def test_centre_of_mass_initialisation_fixes_a_large_translation():
+    shape = (40, 40)
+    fixed = blobs(shape, [(12, 14), (18, 10), (15, 20)])
+    shift = torch.tensor([14.0, 12.0])
+    moving = blobs(shape, [(12 + 14, 14 + 12), (18 + 14, 10 + 12), (15 + 14, 20 + 12)])
+    torch.testing.assert_close(
+        centre_of_mass_translation(fixed, moving).float(), shift, atol=0.02, rtol=0
+    )
+    truth = shift.view(1, 2, 1, 1).expand(1, 2, *shape)
+    settings = dict(transform="rigid", loss="mse", levels=1, iterations=(60,))
+    with_com = register(fixed, moving, init="com", **settings)
+    without = register(fixed, moving, init="identity", **settings)  # blobs do not overlap
+    region = (slice(None), slice(None), slice(5, 25), slice(5, 25))
+    assert float((with_com.ddf - truth)[region].norm(dim=1).mean()) < 0.2
+    assert float((without.ddf - truth)[region].norm(dim=1).mean()) > 3.0
+
+
+def test_fixed_mask_selects_the_structure_to_align():
+    shape = (40, 40)
+    fixed = blobs(shape, [(12, 12), (28, 28)], width=3.0)
+    moving = blobs(shape, [(15, 12), (25, 28)], width=3.0)  # first +3, second -3 along axis 0
+    near_first = torch.zeros(1, 1, *shape)
+    near_first[..., :20, :20] = 1
+    near_second = 1 - near_first
+    settings = dict(transform="rigid", loss="mse", init="identity", levels=2)
+    first = register(fixed, moving, fixed_mask=near_first, **settings)
+    second = register(fixed, moving, fixed_mask=near_second, **settings)
+    assert abs(float(first.ddf[0, 0, 12, 12]) - 3.0) < 0.3
+    assert abs(float(second.ddf[0, 0, 28, 28]) + 3.0) < 0.3
+    # the moving mask works the same way, from the moving image's side
+    moved = register(fixed, moving, moving_mask=near_first, **settings)
+    assert abs(float(moved.ddf[0, 0, 12, 12]) - 3.0) < 0.3
+
+
+@pytest.mark.parametrize("spacing", [None, (2.0, 1.0)])
+def test_landmarks_alone_recover_a_translation(spacing):
+    shape = (24, 24)
+    image = textured(shape)
+    fixed_points = torch.tensor([[4.0, 5.0], [18.0, 6.0], [10.0, 19.0], [15.0, 15.0]])
+    shift = torch.tensor([2.5, -1.5])
+    result = register(
+        image,
+        image,  # the images agree on identity; only the landmarks ask for the shift
+        transform="rigid",
+        loss=None,
+        fixed_landmarks=fixed_points,
+        moving_landmarks=fixed_points + shift,
+        init="identity",
+        spacing=spacing,
+        levels=1,
+        iterations=(300,),
+    )
+    torch.testing.assert_close(result.matrix[0, :2, 2], shift, atol=0.05, rtol=0)
+    torch.testing.assert_close(result.matrix[0, :2, :2], torch.eye(2), atol=0.01, rtol=0)
+
+
+def test_landmarks_pull_a_deformable_result():
+    shape = (24, 24)
+    image = textured(shape)
+    points = torch.tensor([[12.0, 12.0]])
+    settings = dict(transform="bspline", loss="lncc+grad", init="identity", affine_first=False)
+    plain = register(image, image, **settings)
+    pulled = register(
+        image,
+        image,
+        fixed_landmarks=points,
+        moving_landmarks=points + 2.0,
+        landmark_weight=1.0,
+        **settings,
+    )
+    assert float(plain.ddf[0, :, 12, 12].abs().max()) < 0.1
+    assert float(pulled.ddf[0, :, 12, 12].min()) > 0.5
+
+
+def test_refine_improves_a_partial_field():
+    shape = (32, 32)
+    moving = textured(shape)
+    truth = smooth_field(shape, amplitude=2.0, sigma=4.0)
+    fixed = warp(moving, truth)
+    start = 0.4 * truth
+    refined = refine(start, fixed, moving, steps=60, weights={"grad": 0.1}, lr=0.1)
+    assert refined.shape == start.shape
+    error_start = float((start - truth).norm(dim=1).mean())
+    assert float((refined - truth).norm(dim=1).mean()) < 0.5 * error_start
+    assert refine(start, fixed, moving, steps=0) is not None
+
+
+def test_level_shapes_halve_towards_the_coarsest():
+    assert level_shapes((91, 109, 91), 3) == [(23, 28, 23), (46, 55, 46), (91, 109, 91)]
+    assert level_shapes((10, 40), 3) == [(8, 11), (8, 21), (10, 40)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(transform="spline"), "transform must be one of"),
+        (dict(init="moments"), "init must be"),
+        (dict(iterations=(10, 10)), "one value per level"),
+        (dict(loss=None), "nothing to optimise"),
+        (dict(fixed_landmarks=torch.zeros(3, 2)), "given together"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    image = textured((16, 16))
+    with pytest.raises(ValueError, match=message):
+        register(image, image, **kwargs)
+
+
+def test_mismatched_images_are_rejected():
+    with pytest.raises(ValueError, match="differs from the fixed"):
+        register(textured((16, 16)), textured((16, 18)))
