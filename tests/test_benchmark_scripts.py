@@ -1,0 +1,133 @@
+"""Smoke tests of the benchmark harness at toy sizes (the real runs are in scripts/benchmark.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from benchmark import markdown_table, parse_shape  # noqa: E402
+from benchmarks import accuracy, models  # noqa: E402
+
+from regnet.spatial import warp  # noqa: E402
+
+
+def smooth_image(shape: tuple[int, ...]) -> torch.Tensor:
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    return (torch.sin(grids[0] / 3.0) + torch.cos(grids[1] / 4.0))[None, None]
+
+
+def test_peer_warps_share_regnet_convention():
+    """A translation (2, -1) voxels moves voxel (i, j) to (i + 2, j - 1) for all three warps."""
+    import voxelmorph as vxm
+    from monai.networks.blocks import Warp
+
+    image = smooth_image((16, 20))
+    ddf = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1).expand(1, 2, 16, 20).contiguous()
+    shifted = image[..., 2:, :-1]
+    interior = (..., slice(0, 14), slice(1, 20))
+    for warped in (
+        warp(image, ddf),
+        vxm.nn.modules.SpatialTransformer()(image, ddf),
+        Warp(mode="bilinear", padding_mode="zeros")(image, ddf),
+    ):
+        torch.testing.assert_close(warped[interior], shifted, atol=1e-5, rtol=0)
+
+
+def test_vxm_adapter_returns_regnet_ddf():
+    """VxmPairwise with a constant velocity (1.5, -0.5): its displacement is that translation
+    (away from the zero-padded border) and regnet's warp reproduces its own warped source."""
+    torch.manual_seed(0)
+    model = models.build_benchmark_model("vxm", 2)
+    conv = model.model.flow_layer.conv0
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.copy_(torch.tensor([1.5, -0.5]))
+    fixed, moving = torch.rand(1, 1, 32, 32), smooth_image((32, 32))
+    with torch.inference_mode():
+        ddf = model(fixed, moving)
+        _, warped_source = model.model(moving, fixed, return_warped_source=True)
+    inner = (..., slice(4, -4), slice(4, -4))
+    torch.testing.assert_close(ddf[:, 0][inner], torch.full((1, 24, 24), 1.5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ddf[:, 1][inner], torch.full((1, 24, 24), -0.5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(warp(moving, ddf)[inner], warped_source[inner], atol=1e-5, rtol=0)
+
+
+class PairConv(nn.Module):
+    """One 3x3 convolution on the concatenated pair: 2 * 9 * 2 * 2 FLOPs per pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([fixed, moving], dim=1))
+
+
+def test_count_flops_scales_exactly():
+    assert models.flop_shape((160, 192, 224)) == (64, 96, 128)
+    assert models.count_flops(PairConv(), (100, 130)) == 2 * 9 * 2 * 2 * 100 * 130
+
+
+def test_peak_rss_sees_a_fresh_allocation():
+    resettable = models._reset_peak_rss()
+    before = models._rss_bytes()
+    block = torch.ones(16 * 2**20)  # 64 MiB, written so that it is resident
+    assert models._peak_rss_bytes(resettable) - before >= 60 * 2**20
+    del block
+
+
+def test_runner_measures_inference_and_a_training_step():
+    runner = models._Runner("vm1", (16, 16), models.RunOptions(threads=1))
+    first = [p.detach().clone() for p in runner.parameters]
+    for mode in ("infer", "train"):
+        result = runner.measure(mode)
+        assert result["seconds"] > 0 and result["peak_bytes"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(first, runner.parameters, strict=True))
+
+
+def test_mean_dice_against_hand_count():
+    fixed = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    fixed[..., :2, :] = 1  # label 1: 8 pixels, label 0: 8 pixels
+    warped = torch.zeros_like(fixed)
+    warped[..., :1, :] = 1  # label 1: 4 pixels, all inside fixed label 1
+    # label 1: 2*4/(8+4) = 2/3; label 0: 2*8/(8+12) = 4/5; label 2 absent from both: ignored
+    expected = (2 / 3 + 4 / 5) / 2
+    assert accuracy.mean_dice(fixed, warped, 3).item() == pytest.approx(expected)
+
+
+class ZeroField(nn.Module):
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(fixed.shape[0], 2, *fixed.shape[2:])
+
+
+def test_evaluate_identity_field_gives_identity_dice():
+    config = accuracy.AccuracyConfig(shape=(24, 24), val_pairs=3)
+    result = accuracy.evaluate(ZeroField(), config)
+    assert result["dice"] == pytest.approx(result["identity_dice"])
+    assert 0 < result["identity_dice"] < 1 and result["folding_pct"] == 0
+
+
+def test_training_updates_the_model_with_finite_losses():
+    config = accuracy.AccuracyConfig(shape=(32, 32), steps=3, batch_size=2, val_pairs=2)
+    lines: list[str] = []
+    torch.manual_seed(0)
+    model = models.build_benchmark_model("vm1", 2)
+    first = [p.detach().clone() for p in model.parameters()]
+    assert accuracy.train(model, config, log=lines.append, name="vm1") > 0
+    totals = [float(line.split("loss ")[1].split(" ")[0]) for line in lines]
+    assert len(totals) == 3 and all(torch.isfinite(torch.tensor(totals)))
+    assert any(not torch.equal(a, b) for a, b in zip(first, model.parameters(), strict=True))
+
+
+def test_markdown_and_shape_parsing():
+    table = markdown_table([{"a": 1234, "b": 0.012345}, {"a": 5, "c": None}])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1,234 | 0.0123 |", "| 5 |  |"]
+    assert parse_shape("160x192x224") == (160, 192, 224)
+    with pytest.raises(Exception, match="--shape"):
+        parse_shape("1,2,3,4")
