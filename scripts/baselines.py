@@ -1,4 +1,4 @@
-"""Classical baselines on the demo validation pairs: no registration, ANTs affine, ANTs SyN.
+"""Classical registration on the demo validation pairs: none, ANTs affine/SyN, regnet's engine.
 
 Each validation pair of a Learn2Reg-layout folder (default ``data/demo/3d_2mm``, written by
 ``scripts/prepare_demo.py``) is preprocessed exactly as the networks see it
@@ -9,9 +9,11 @@ network spacing, so the result is a field on the fixed network grid like a netwo
 The moving labels are warped with ``genericLabel`` interpolation and scored against the fixed
 labels with :mod:`regnet.metrics`: mean Dice over the fixed image's labels, mean HD95 (mm),
 % of voxels with ``det J <= 0`` and SDlogJ of the composed displacement field, and seconds per
-pair (registration only).
+pair (registration only). ``regnet-<transform>`` methods run regnet's own per-pair optimisation
+(:func:`regnet.optimize.register` with the defaults of ``register.py``) on the same inputs, so
+both tools are timed in one run on identical data.
 
-Needs antspyx (optional ``baselines`` extra: ``pip install 'regnet[baselines]'``).
+ANTs methods need antspyx (optional ``baselines`` extra: ``pip install 'regnet[baselines]'``).
 
 Usage: ``python scripts/baselines.py [--data data/demo/3d_2mm] [--methods none,affine,syn]
 [--csv results.csv] [--threads 2]``
@@ -28,11 +30,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from regnet.data.layouts import Learn2RegDataset
 from regnet.metrics import dice_per_label, hd95, jacobian_stats
+from regnet.optimize import register as regnet_register
+from regnet.spatial import warp_labels
 
 ANTS_TRANSFORMS = {"affine": "Affine", "syn": "SyN"}
+REGNET_TRANSFORMS = {"regnet-affine": "affine", "regnet-bspline": "bspline", "regnet-svf": "svf"}
 
 
 def import_ants():
@@ -81,6 +87,18 @@ def register(
     return np.rint(warped).astype(np.int64), ddf, seconds
 
 
+def register_regnet(transform: str, item: dict, spacing: tuple[float, ...]):
+    """regnet's classical optimisation (``register.py`` defaults) on the same network grid;
+    returns ``(warped_moving_label, ddf_voxels, seconds)`` like :func:`register`."""
+    start = time.perf_counter()
+    result = regnet_register(
+        item["fixed"][None], item["moving"][None], transform=transform, spacing=spacing
+    )
+    seconds = time.perf_counter() - start
+    warped = warp_labels(item["moving_label"][None], result.ddf, method="nearest")
+    return warped[0, 0].numpy(), result.ddf[0].double().numpy(), seconds
+
+
 def score(item: dict, warped_label: np.ndarray, ddf: np.ndarray | None, spacing) -> dict:
     """Mean Dice and HD95 over the fixed image's labels; folding and SDlogJ of ``ddf``."""
     fixed_label = item["fixed_label"][0].numpy()
@@ -105,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", type=int, nargs="+", default=[96, 112, 96])
     parser.add_argument("--methods", default="none,affine,syn")
     parser.add_argument("--csv", type=Path, default=None, help="per-pair results")
-    parser.add_argument("--threads", type=int, default=None, help="ITK threads")
+    parser.add_argument("--threads", type=int, default=None, help="ITK and torch threads")
     parser.add_argument(
         "--syn-iterations",
         default="40,20,10",
@@ -113,11 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - {"none", *ANTS_TRANSFORMS}
+    valid = {"none", *ANTS_TRANSFORMS, *REGNET_TRANSFORMS}
+    unknown = set(methods) - valid
     if unknown:
-        parser.error(f"--methods: unknown {sorted(unknown)}; choose from none, affine, syn")
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(valid)}")
     if args.threads:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     ants = import_ants() if set(methods) & set(ANTS_TRANSFORMS) else None
     dataset_json = args.data / "dataset.json"
     if not dataset_json.is_file():
@@ -134,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         for method in methods:
             if method == "none":
                 warped, ddf, seconds = item["moving_label"][0].numpy(), None, 0.0
+            elif method in REGNET_TRANSFORMS:
+                warped, ddf, seconds = register_regnet(REGNET_TRANSFORMS[method], item, spacing)
             else:
                 warped, ddf, seconds = register(ants, method, item, spacing, syn_iterations)
             row = {
