@@ -280,7 +280,7 @@ def register(
         init: ``"com"`` (translation aligning intensity centres of mass) or ``"identity"``.
         affine_first: for deformable transforms, run an ``affine_model`` (``"rigid"`` or
             ``"affine"``) stage first with ``affine_iterations`` / ``affine_lr`` (defaults: those
-            of ``affine_model``). Ignored when ``initial_ddf`` is given.
+            of ``affine_model``, finest level skipped). Ignored when ``initial_ddf`` is given.
         spacing: voxel size in mm per axis: rotations are rigid in mm, landmark distances in mm.
         initial_ddf: ``(1, ndim, *S)`` starting field (voxels; e.g. a network's prediction): a
             ``ddf`` transform refines it additively, ``bspline``/``svf`` compose their field
@@ -404,7 +404,7 @@ def register(
             else _check_per_level(
                 affine_iterations
                 if affine_iterations is not None
-                else _default_iterations(kind, levels),
+                else _prestage_iterations(kind, levels),
                 levels,
                 "affine_iterations",
             )
@@ -493,6 +493,13 @@ def _default_iterations(transform: str, levels: int) -> tuple[int, ...]:
     if levels <= len(base):
         return base[len(base) - levels :]
     return (base[0],) * (levels - len(base)) + base
+
+
+def _prestage_iterations(kind: str, levels: int) -> tuple[int, ...]:
+    """Affine pre-stage of a deformable registration: the defaults without the finest level,
+    the most expensive one, whose detail the deformable stage refines anyway."""
+    steps = _default_iterations(kind, levels)
+    return (*steps[:-1], 0) if levels > 1 else steps
 
 
 def refine(

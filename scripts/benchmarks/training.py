@@ -44,6 +44,7 @@ def compose_run(model: str, args: argparse.Namespace, output_dir: Path):
         "val_panel_every_n_epochs=0",
         f"data.val.length={args.val_pairs}",
         f"data.train.length={args.val_every * 8}",
+        *args.override,
     ]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("train", overrides=overrides)
@@ -70,6 +71,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        help="extra train overrides, e.g. loss_weights.grad=0.1",
+    )
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,7 +102,8 @@ def main() -> None:
             )
 
     lines = [
-        f"Synthetic 2D 64×64 pairs, loss `{args.loss}`, Adam lr {args.lr}, {args.steps} steps at "
+        f"Synthetic 2D 64×64 pairs, loss `{args.loss}` {' '.join(args.override)}, Adam lr "
+        f"{args.lr}, {args.steps} steps at "
         f"batch 8, {args.threads} CPU threads, {args.val_pairs} validation pairs (seed-fixed); "
         "best checkpoint by validation Dice.",
         "",
