@@ -104,7 +104,7 @@ def cerebrum_mask(labels: np.ndarray) -> np.ndarray:
 def finish_image(mean: np.ndarray, spacing_mm: float, seed_index: int) -> np.ndarray:
     """Blur, bias field and noise on an intensity map (float32, same shape), fixed seed."""
     generator = item_generator(SEED, seed_index)
-    # scipy's Gaussian filter, not regnet.data.synthetic.gaussian_blur: 0.39 s instead of 7.4 s
+    # scipy's Gaussian filter, not regnet.spatial.smooth.gaussian_smooth: 0.39 s instead of 7.4 s
     # for a 182x218x182 volume on this 2-core machine (same kernel up to truncation)
     blurred = ndi.gaussian_filter(mean.astype(np.float32), BLUR_MM / spacing_mm, mode="nearest")
     image = torch.as_tensor(blurred)[None, None]

@@ -7,9 +7,10 @@ import torch
 
 from regnet.optimize import refine, register
 from regnet.optimize.initialize import centre_of_mass_translation
-from regnet.optimize.pyramid import gaussian_smooth, level_shapes
+from regnet.optimize.pyramid import level_shapes
 from regnet.spatial import affine_matrix, affine_to_ddf, identity_grid, jacobian_determinant, warp
 from regnet.spatial.affine import image_centre
+from regnet.spatial.smooth import gaussian_smooth
 
 
 def textured(shape, seed=1):

@@ -36,6 +36,7 @@ from monai.networks.layers.convutils import gaussian_1d
 from torch.utils.data import Dataset
 
 from regnet.spatial import affine_matrix, affine_to_ddf, compose, integrate, warp_labels
+from regnet.spatial.smooth import gaussian_smooth
 
 _COARSE_SIGMA = 1.0  # smoothing of coarse noise, in coarse-grid samples
 _TRUNCATE = 3.0  # Gaussian kernels are cut at this many sigmas
@@ -81,14 +82,6 @@ def smooth_noise(
     smooth = smooth[crop] / kernel.square().sum().sqrt() ** ndim
     mode = "bilinear" if ndim == 2 else "trilinear"
     return F.interpolate(smooth, size=tuple(shape), mode=mode, align_corners=True)
-
-
-def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(B, C, *S)`` with ``sigma`` voxels, edges replicated."""
-    if sigma <= 0:
-        return image
-    kernel = _gaussian_kernel(sigma)
-    return separable_filtering(image, [kernel] * (image.dim() - 2), mode="replicate")
 
 
 class SyntheticPairs(Dataset):
@@ -283,7 +276,7 @@ class SyntheticPairs(Dataset):
         """Image ``(1, 1, *S)`` in ``[0, 1]`` from labels ``(1, 1, *S)`` and per-label means."""
         image = means[labels]
         blur = self.max_blur_sigma * torch.rand(1, generator=generator).item()
-        image = gaussian_blur(image, blur)
+        image = gaussian_smooth(image, blur)
         bias_std = self.max_bias_std * torch.rand(1, generator=generator).item()
         bias = smooth_noise(self.shape, 1, self.bias_spacing, generator)
         image = image * torch.exp(bias_std * bias)

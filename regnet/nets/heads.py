@@ -34,6 +34,7 @@ from regnet.spatial import (
     resize_ddf,
     sample,
 )
+from regnet.spatial.grid import axis_scale
 
 TRANSFORMS = ("rigid", "affine")
 
@@ -167,8 +168,8 @@ class BSplineHead(nn.Module):
             coords = self._control_coords(shape, grid_shape, ratio, field.device)
             # control-point values are displacements in image voxels; the field is in
             # feature-grid voxels, hence the division by ``ratio``
-            scale = torch.tensor([1.0 / r if r > 0 else 0.0 for r in ratio], device=field.device)
-            points = sample(field, coords) * scale.view(1, -1, *([1] * self.ndim))
+            scale = axis_scale([1.0 / r if r > 0 else 0.0 for r in ratio], field.device)
+            points = sample(field, coords) * scale
             return {"ddf": bspline_to_ddf(points, shape), "control_points": points}
 
     @staticmethod
@@ -230,8 +231,8 @@ class AffineHead(nn.Module):
         with float32_geometry(features.device):
             params = self.linear(features.float().flatten(2).mean(dim=-1))
             parts = dict(zip(self.sizes, params.split(list(self.sizes.values()), -1), strict=True))
-            half_extent = torch.tensor([max(n - 1, 1) / 2.0 for n in shape], device=params.device)
-            parts["translation"] = parts["translation"] * half_extent
+            half_extent = axis_scale([max(n - 1, 1) / 2.0 for n in shape], params.device)
+            parts["translation"] = parts["translation"] * half_extent.flatten(1)
             matrix = affine_matrix(
                 **parts,
                 ndim=self.ndim,

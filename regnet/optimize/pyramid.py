@@ -7,13 +7,12 @@ full-resolution voxel ``x = step * x_l`` with ``step[a] = (n[a] - 1) / (m[a] - 1
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import separable_filtering
-from monai.networks.layers.convutils import gaussian_1d
+
+from regnet.spatial.smooth import gaussian_smooth
 
 MIN_LEVEL_SIZE = 8
 """Axes are not shrunk below this many voxels (or their full size, if smaller)."""
@@ -39,24 +38,6 @@ def level_shapes(shape: Sequence[int], levels: int) -> list[tuple[int, ...]]:
 def level_step(full: Sequence[int], level: Sequence[int]) -> tuple[float, ...]:
     """Full-resolution voxels per level voxel along each axis, ``(n - 1) / (m - 1)``."""
     return tuple((n - 1) / (m - 1) if m > 1 else 1.0 for n, m in zip(full, level, strict=True))
-
-
-@functools.lru_cache(maxsize=32)
-def _kernel(sigma: float) -> torch.Tensor:
-    with torch.inference_mode(False):  # cached: must stay usable by autograd later
-        sigma_t = torch.tensor(max(sigma, 1e-3))
-        return gaussian_1d(sigma_t, truncated=3.0, approx="erf", normalize=True)
-
-
-def gaussian_smooth(x: torch.Tensor, sigma: Sequence[float] | float) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``x (B, C, *S)`` with ``sigma`` voxels (per axis or one);
-    edges replicate the border value, so constant fields stay constant. Differentiable."""
-    ndim = x.dim() - 2
-    sigmas = [float(sigma)] * ndim if isinstance(sigma, int | float) else list(sigma)
-    if all(s <= 0 for s in sigmas):
-        return x
-    kernels = [_kernel(s).to(device=x.device, dtype=x.dtype) for s in sigmas]
-    return separable_filtering(x, kernels, mode="replicate")
 
 
 def downsample(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from regnet.optimize.pyramid import gaussian_smooth
 from regnet.spatial import affine_matrix, bspline_to_ddf, compose, integrate, resize_ddf
 from regnet.spatial.affine import image_centre
+from regnet.spatial.smooth import gaussian_smooth
 
 
 class AffineParameters(nn.Module):

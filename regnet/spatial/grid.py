@@ -54,6 +54,24 @@ def identity_grid(
     return _cached_identity(tuple(int(n) for n in shape), torch.device(device or "cpu"), dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_axis_scale(values: tuple[float, ...], device: torch.device, dtype: torch.dtype):
+    with torch.inference_mode(False):  # cached: must stay usable by autograd later
+        return torch.tensor(values, device=device, dtype=dtype)
+
+
+def axis_scale(
+    values: Sequence[float], device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Per-axis factors shaped ``(1, ndim, 1, ..., 1)`` to multiply a ``(B, ndim, *S)`` field.
+
+    Cached per values/device/dtype, so hot paths (every warp) make no host-to-device copy.
+    """
+    values = tuple(float(v) for v in values)
+    ndim = len(values)
+    return _cached_axis_scale(values, torch.device(device), dtype).view(1, ndim, *([1] * ndim))
+
+
 def normalized_grid(coords: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
     """Convert voxel coordinates of an image of spatial size ``in_shape`` to a ``grid_sample`` grid.
 
@@ -62,11 +80,9 @@ def normalized_grid(coords: torch.Tensor, in_shape: Sequence[int]) -> torch.Tens
     ``grid_sample(..., align_corners=True)`` expects. An axis of size 1 maps to 0.
     """
     ndim = coords.shape[1]
-    scale = torch.tensor(
-        [2.0 / (n - 1) if n > 1 else 0.0 for n in in_shape],
-        device=coords.device,
-        dtype=coords.dtype,
-    ).view(1, ndim, *([1] * ndim))
+    scale = axis_scale(
+        [2.0 / (n - 1) if n > 1 else 0.0 for n in in_shape], coords.device, coords.dtype
+    )
     grid = coords * scale - 1.0
     perm = (0, *range(2, ndim + 2), 1)
     return grid.permute(perm).flip(-1)

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regnet.spatial.grid import check_field, check_spatial, identity_grid, normalized_grid
+from regnet.spatial.grid import (
+    axis_scale,
+    check_field,
+    check_spatial,
+    identity_grid,
+    normalized_grid,
+)
 
 _MODES = {"linear": "bilinear", "nearest": "nearest"}
 _PADDINGS = ("border", "zeros", "reflection")
@@ -144,12 +150,8 @@ def resize_ddf(ddf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         return ddf
     mode = "bilinear" if ndim == 2 else "trilinear"
     resized = F.interpolate(ddf, size=shape, mode=mode, align_corners=True)
-    factors = torch.tensor(
-        [(n - 1) / (o - 1) if o > 1 else 1.0 for n, o in zip(shape, old, strict=True)],
-        device=ddf.device,
-        dtype=ddf.dtype,
-    )
-    return resized * factors.view(1, ndim, *([1] * ndim))
+    factors = [(n - 1) / (o - 1) if o > 1 else 1.0 for n, o in zip(shape, old, strict=True)]
+    return resized * axis_scale(factors, ddf.device, ddf.dtype)
 
 
 class SpatialTransformer(nn.Module):

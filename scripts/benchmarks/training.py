@@ -5,7 +5,7 @@ optimiser and step budget through the regular training code (``regnet.cli.train.
 reports the identity Dice of the validation pairs beside each model's validation Dice (labels
 warped by nearest neighbour), % of voxels with det J <= 0, SDlogJ and the wall time.
 
-    python scripts/benchmarks/training.py --steps 1500 --out /tmp/training.md
+    python scripts/benchmarks/training.py --steps 3000 --loss dice+grad --out training.md
 """
 
 from __future__ import annotations

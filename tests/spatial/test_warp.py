@@ -177,9 +177,12 @@ def test_grids_cached_under_inference_mode_still_support_autograd():
     shape = (7, 5, 6)
     with torch.inference_mode():
         warp(torch.rand(1, 1, *shape), torch.zeros(1, 3, *shape))
+        resize_ddf(torch.zeros(1, 3, *shape), (9, 7, 8))
         bspline_to_ddf(torch.zeros(1, 3, 4, 4, 4), shape)
     ddf = torch.zeros(1, 3, *shape, requires_grad=True)
     warp(torch.rand(1, 1, *shape), ddf).sum().backward()
+    small = torch.zeros(1, 3, *shape, requires_grad=True)
+    resize_ddf(small, (9, 7, 8)).sum().backward()
     cp = torch.zeros(1, 3, 4, 4, 4, requires_grad=True)
     bspline_to_ddf(cp, shape).sum().backward()
-    assert ddf.grad is not None and cp.grad is not None
+    assert ddf.grad is not None and cp.grad is not None and small.grad is not None
