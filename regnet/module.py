@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
@@ -108,6 +109,12 @@ class RegistrationModule(L.LightningModule):
             list every registered term (missing ones take ``regnet.losses.DEFAULT_WEIGHTS``).
         loss_options: keyword arguments per term name, e.g. ``{"lncc": {"window": 7}}``.
         num_labels: ``K`` label values ``0 .. K-1`` of the data (0 if it has none).
+        label_downsize: the label loss terms compare one-hot labels averaged over cells of
+            ``f`` voxels per axis (soft label fractions), the moving ones warped by the field
+            averaged over the same cells; ``1`` compares them at full resolution. Warping
+            ``K`` one-hot channels and its backward pass dominate a step with many labels:
+            ``voxelmorph`` with ``lncc+grad+dice``, 83 labels at 96x112x96, 2 CPU threads,
+            takes 4.8 s per training step at ``f=1`` and 1.25 s at ``f=2``.
         optimizer: ``"adam"`` or ``"adamw"``.
         lr: learning rate.
         weight_decay: optimiser weight decay.
@@ -125,6 +132,7 @@ class RegistrationModule(L.LightningModule):
         loss_weights: Mapping[str, float] | None = None,
         loss_options: Mapping[str, Mapping[str, Any]] | None = None,
         num_labels: int = 0,
+        label_downsize: int = 1,
         optimizer: str = "adam",
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -147,6 +155,8 @@ class RegistrationModule(L.LightningModule):
             )
         if num_labels < 0:
             raise ValueError(f"num_labels must be >= 0, got {num_labels}")
+        if int(label_downsize) != label_downsize or label_downsize < 1:
+            raise ValueError(f"label_downsize must be an integer >= 1, got {label_downsize}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         terms = parse_spec(loss)
@@ -202,13 +212,29 @@ class RegistrationModule(L.LightningModule):
             fixed, moving = fixed.float(), moving.float()
             inputs = {"fixed": fixed, "moving": moving, "ddf": ddf, "warped": warp(moving, ddf)}
             if set(self.loss.requires) & set(LABEL_INPUTS):
-                k = self.hparams.num_labels
-                inputs["fixed_label"] = one_hot(batch["fixed_label"], k)
-                inputs["warped_label"] = warp(one_hot(batch["moving_label"], k), ddf)
+                inputs.update(self._label_inputs(batch, ddf))
             for key in ("target_ddf", "fixed_mask"):
                 if key in batch:
                     inputs[key] = batch[key].float()
         return inputs
+
+    def _label_inputs(
+        self, batch: Mapping[str, torch.Tensor], ddf: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One-hot ``fixed_label`` and linearly warped one-hot ``warped_label`` ``(B, K, *S')``.
+
+        With ``label_downsize = f > 1`` each is averaged over cells of ``f`` voxels per axis
+        (``S' = S // f``). Cell ``i`` is centred on full-resolution voxel ``f i + (f - 1) / 2``,
+        an affine map of scale ``f``, so the cell-averaged field divided by ``f`` is the
+        displacement in cell units (exact for fields linear over each cell).
+        """
+        k, f = self.hparams.num_labels, int(self.hparams.label_downsize)
+        fixed_label = one_hot(batch["fixed_label"], k, cell=f)
+        moving_label = one_hot(batch["moving_label"], k, cell=f)
+        if f > 1:
+            pool = F.avg_pool2d if ddf.dim() == 4 else F.avg_pool3d
+            ddf = pool(ddf, f) / f
+        return {"fixed_label": fixed_label, "warped_label": warp(moving_label, ddf)}
 
     def _loss(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         with torch.autocast(device_type=inputs["ddf"].device.type, enabled=False):

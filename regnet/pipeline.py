@@ -416,12 +416,13 @@ class Stopwatch:
 @dataclass(frozen=True)
 class Preprocessing:
     """Network-grid preprocessing (see :mod:`regnet.data.preprocess`): resample to ``spacing``
-    mm (``None``: keep each file's), crop/pad to ``shape`` voxels (``None``: keep), scale
-    intensities between ``percentiles`` to [0, 1]."""
+    mm (``None``: keep each file's), crop/pad to ``shape`` voxels (``None``: keep) about the
+    grid's or the foreground's ``centre``, scale intensities between ``percentiles`` to [0, 1]."""
 
     spacing: tuple[float, ...] | None
     shape: tuple[int, ...] | None
     percentiles: tuple[float, float] = (1.0, 99.0)
+    centre: str = "grid"
 
     def apply(self, inputs: PairInputs) -> dict[str, Any]:
         """Preprocess the pair's images (:func:`regnet.data.preprocess.load_pair`): ``fixed``,
@@ -434,6 +435,7 @@ class Preprocessing:
             spacing=None if self.spacing is None else list(self.spacing),
             shape=None if self.shape is None else list(self.shape),
             percentiles=self.percentiles,
+            centre=self.centre,
         )
 
 
@@ -462,6 +464,7 @@ def preprocessing_from_config(config: Mapping[str, Any]) -> Preprocessing:
         spacing,
         None if shape is None else tuple(int(n) for n in shape),
         (float(percentiles[0]), float(percentiles[1])),
+        str(_setting(data, "centre") or "grid"),
     )
 
 

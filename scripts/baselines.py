@@ -3,20 +3,27 @@
 Each validation pair of a Learn2Reg-layout folder (default ``data/demo/3d_2mm``, written by
 ``scripts/prepare_demo.py``) is preprocessed exactly as the networks see it
 (:class:`regnet.data.Learn2RegDataset`: RAS, ``--spacing`` mm, ``--shape`` voxels, [0, 1]
-intensities) and registered by ANTs (``Affine``; ``SyN``: affine then SyN with
-``--syn-iterations``) on that grid (both images get origin 0, identity direction and the
-network spacing, so the result is a field on the fixed network grid like a network's).
-The moving labels are warped with ``genericLabel`` interpolation and scored against the fixed
-labels with :mod:`regnet.metrics`: mean Dice over the fixed image's labels, mean HD95 (mm),
-% of voxels with ``det J <= 0`` and SDlogJ of the composed displacement field, and seconds per
-pair (registration only). ``regnet-<transform>`` methods run regnet's own per-pair optimisation
-(:func:`regnet.optimize.register` with the defaults of ``register.py``) on the same inputs, so
-both tools are timed in one run on identical data.
+intensities) and registered on that grid (origin 0, identity direction, the network spacing, so
+every result is a field on the fixed network grid like a network's) by:
+
+- ANTs: ``affine``; ``syn`` (affine then SyN with ``--syn-iterations``); ``syn-default``
+  (antspyx's own ``SyN`` defaults, iterations 40,20,0);
+- regnet's per-pair optimisation, ``regnet-<transform>``: :func:`regnet.optimize.register` with
+  the defaults of ``register.py``, including its working grid (``--regnet-spacing`` mm, 2 by
+  default; the field is upsampled to the data grid);
+- with ``--checkpoint``, a trained network: ``regnet-net`` (one forward pass on the CPU) and
+  ``regnet-net+refine`` (then ``--refine-steps`` of :func:`regnet.optimize.refine`, as
+  ``predict.py refine.steps=N`` does).
+
+The moving labels are warped (ANTs: ``genericLabel``; regnet: nearest neighbour) and scored
+against the fixed labels with :mod:`regnet.metrics`: mean Dice over the fixed image's labels,
+mean HD95 (mm), % of voxels with ``det J <= 0`` and SDlogJ of the displacement field, and
+seconds per pair (registration only), all methods timed in one run on identical inputs.
 
 ANTs methods need antspyx (optional ``baselines`` extra: ``pip install 'regnet[baselines]'``).
 
 Usage: ``python scripts/baselines.py [--data data/demo/3d_2mm] [--methods none,affine,syn]
-[--csv results.csv] [--threads 2]``
+[--checkpoint best.ckpt] [--pairs 0,1] [--csv results.csv] [--threads 2]``
 """
 
 from __future__ import annotations
@@ -34,11 +41,15 @@ import torch
 
 from regnet.data.layouts import Learn2RegDataset
 from regnet.metrics import dice_per_label, hd95, jacobian_stats
+from regnet.optimize import refine
 from regnet.optimize import register as regnet_register
-from regnet.spatial import warp_labels
+from regnet.optimize.pyramid import downsample
+from regnet.pipeline import load_network, run_network
+from regnet.spatial import resize_ddf, warp_labels
 
-ANTS_TRANSFORMS = {"affine": "Affine", "syn": "SyN"}
+ANTS_TRANSFORMS = {"affine": "Affine", "syn": "SyN", "syn-default": "SyN"}
 REGNET_TRANSFORMS = {"regnet-affine": "affine", "regnet-bspline": "bspline", "regnet-svf": "svf"}
+NETWORK_METHODS = ("regnet-net", "regnet-net+refine")
 
 
 def import_ants():
@@ -69,7 +80,7 @@ def register(
     fixed = ants_image(ants, item["fixed"][0].numpy(), spacing)
     moving = ants_image(ants, item["moving"][0].numpy(), spacing)
     start = time.perf_counter()
-    options = {"reg_iterations": syn_iterations} if method == "syn" else {}
+    options = {"reg_iterations": syn_iterations} if method == "syn" else {}  # else antspyx's
     result = ants.registration(fixed, moving, type_of_transform=ANTS_TRANSFORMS[method], **options)
     seconds = time.perf_counter() - start
     moving_label = ants_image(ants, item["moving_label"][0].numpy(), spacing)
@@ -87,16 +98,49 @@ def register(
     return np.rint(warped).astype(np.int64), ddf, seconds
 
 
-def register_regnet(transform: str, item: dict, spacing: tuple[float, ...]):
-    """regnet's classical optimisation (``register.py`` defaults) on the same network grid;
-    returns ``(warped_moving_label, ddf_voxels, seconds)`` like :func:`register`."""
-    start = time.perf_counter()
-    result = regnet_register(
-        item["fixed"][None], item["moving"][None], transform=transform, spacing=spacing
+def working_shape(shape, spacing, working_spacing) -> tuple[int, ...]:
+    """Grid over the same extent as ``shape`` at about ``working_spacing`` mm (never finer)."""
+    return tuple(
+        max(2, min(n, round((n - 1) * s / working_spacing) + 1))
+        for n, s in zip(shape, spacing, strict=True)
     )
+
+
+def register_regnet(
+    transform: str, item: dict, spacing: tuple[float, ...], working_spacing: float | None
+):
+    """regnet's classical optimisation (``register.py`` defaults) on the same pair; returns
+    ``(warped_moving_label, ddf_voxels, seconds)`` like :func:`register`.
+
+    As ``register.py`` does, it runs on a grid of ``working_spacing`` mm covering the pair's
+    extent (``None``: the pair's own grid) and the field is upsampled to the pair's grid."""
+    start = time.perf_counter()
+    fixed, moving = item["fixed"][None], item["moving"][None]
+    shape = tuple(fixed.shape[2:])
+    grid = shape if working_spacing is None else working_shape(shape, spacing, working_spacing)
+    grid_spacing = [s * (n - 1) / (m - 1) for s, n, m in zip(spacing, shape, grid, strict=True)]
+    result = regnet_register(
+        downsample(fixed, grid),
+        downsample(moving, grid),
+        transform=transform,
+        spacing=grid_spacing,
+    )
+    ddf = resize_ddf(result.ddf, shape)
     seconds = time.perf_counter() - start
-    warped = warp_labels(item["moving_label"][None], result.ddf, method="nearest")
-    return warped[0, 0].numpy(), result.ddf[0].double().numpy(), seconds
+    warped = warp_labels(item["moving_label"][None], ddf, method="nearest")
+    return warped[0, 0].numpy(), ddf[0].double().numpy(), seconds
+
+
+def register_network(network, item: dict, refine_steps: int):
+    """A trained network's field for the pair (one forward pass on the CPU), then
+    ``refine_steps`` of instance optimisation; returns like :func:`register`."""
+    start = time.perf_counter()
+    ddf = run_network(network, item, "cpu")
+    if refine_steps:
+        ddf = refine(ddf, item["fixed"][None], item["moving"][None], steps=refine_steps)
+    seconds = time.perf_counter() - start
+    warped = warp_labels(item["moving_label"][None], ddf, method="nearest")
+    return warped[0, 0].numpy(), ddf[0].double().numpy(), seconds
 
 
 def score(item: dict, warped_label: np.ndarray, ddf: np.ndarray | None, spacing) -> dict:
@@ -122,6 +166,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spacing", type=float, nargs="+", default=[2.0, 2.0, 2.0])
     parser.add_argument("--shape", type=int, nargs="+", default=[96, 112, 96])
     parser.add_argument("--methods", default="none,affine,syn")
+    parser.add_argument("--pairs", default=None, help="validation pair indices, e.g. 0,1")
+    parser.add_argument(
+        "--centre",
+        choices=["grid", "foreground"],
+        default="grid",
+        help="crop/pad about the grid or the foreground centre (as the network was trained)",
+    )
+    parser.add_argument("--checkpoint", type=Path, default=None, help="for regnet-net methods")
+    parser.add_argument("--refine-steps", type=int, default=50)
+    parser.add_argument(
+        "--regnet-spacing",
+        default="2",
+        help="working grid (mm) of regnet-<transform> methods, as register.py spacing=; none "
+        "keeps the data grid",
+    )
     parser.add_argument("--csv", type=Path, default=None, help="per-pair results")
     parser.add_argument("--threads", type=int, default=None, help="ITK and torch threads")
     parser.add_argument(
@@ -131,10 +190,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    valid = {"none", *ANTS_TRANSFORMS, *REGNET_TRANSFORMS}
+    valid = {"none", *ANTS_TRANSFORMS, *REGNET_TRANSFORMS, *NETWORK_METHODS}
     unknown = set(methods) - valid
     if unknown:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(valid)}")
+    network = None
+    if set(methods) & set(NETWORK_METHODS):
+        if args.checkpoint is None:
+            parser.error(f"--methods {','.join(NETWORK_METHODS)} need --checkpoint")
+        network = load_network(args.checkpoint)
+    working_spacing = None if args.regnet_spacing == "none" else float(args.regnet_spacing)
     if args.threads:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
@@ -146,16 +211,29 @@ def main(argv: list[str] | None = None) -> None:
     ndim = len(args.shape)
     spacing = tuple(float(s) for s in args.spacing)
     pairs = Learn2RegDataset(
-        dataset_json, split="val", ndim=ndim, spacing=spacing, shape=args.shape
+        dataset_json,
+        split="val",
+        ndim=ndim,
+        spacing=spacing,
+        shape=args.shape,
+        centre=args.centre,
     )
+    indices = range(len(pairs))
+    if args.pairs:
+        indices = [int(i) for i in args.pairs.split(",")]
     rows = []
-    for index in range(len(pairs)):
+    for index in indices:
         item = pairs[index]
         for method in methods:
             if method == "none":
                 warped, ddf, seconds = item["moving_label"][0].numpy(), None, 0.0
             elif method in REGNET_TRANSFORMS:
-                warped, ddf, seconds = register_regnet(REGNET_TRANSFORMS[method], item, spacing)
+                warped, ddf, seconds = register_regnet(
+                    REGNET_TRANSFORMS[method], item, spacing, working_spacing
+                )
+            elif method in NETWORK_METHODS:
+                steps = args.refine_steps if method.endswith("+refine") else 0
+                warped, ddf, seconds = register_network(network, item, steps)
             else:
                 warped, ddf, seconds = register(ants, method, item, spacing, syn_iterations)
             row = {
@@ -167,11 +245,11 @@ def main(argv: list[str] | None = None) -> None:
             }
             rows.append(row)
             print(
-                f"{method:7s} {row['fixed']} <- {row['moving']}: Dice {row['dice']:.3f}  "
+                f"{method:17s} {row['fixed']} <- {row['moving']}: Dice {row['dice']:.3f}  "
                 f"HD95 {row['hd95_mm']:.2f} mm  folding {row['folding_percent']:.3f} %  "
                 f"{seconds:.1f} s"
             )
-    print("\nmethod   Dice            HD95 (mm)      folding (%)   SDlogJ   s/pair")
+    print(f"\n{'method':17s}  Dice            HD95 (mm)      folding (%)   SDlogJ   s/pair")
     for method in methods:
         chosen = [r for r in rows if r["method"] == method]
         mean = {
@@ -181,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         std = np.std([r["dice"] for r in chosen])
         print(
-            f"{method:7s}  {mean['dice']:.3f} ± {std:.3f}   {mean['hd95_mm']:6.2f}"
+            f"{method:17s}  {mean['dice']:.3f} ± {std:.3f}   {mean['hd95_mm']:6.2f}"
             f"         {mean['folding_percent']:7.3f}      {mean['sdlogj']:.3f}   "
             f"{mean['seconds']:.1f}"
         )

@@ -131,3 +131,29 @@ def test_markdown_and_shape_parsing():
     assert parse_shape("160x192x224") == (160, 192, 224)
     with pytest.raises(Exception, match="--shape"):
         parse_shape("1,2,3,4")
+
+
+def test_baselines_working_grid_recovers_translation_on_the_data_grid():
+    """regnet methods of scripts/baselines.py register on register.py's coarser working grid
+    and return the field on the data grid: a 2-voxel shift at 1 mm comes back as 2 voxels."""
+    import baselines
+
+    assert baselines.working_shape((33, 21, 10), (1.0, 1.0, 2.0), 2.0) == (17, 11, 10)
+    shape = (32, 28, 24)
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    centre = [(n - 1) / 2 for n in shape]
+
+    def blob(offset):
+        distance = sum(
+            (g - c - o) ** 2 / 40.0 for g, c, o in zip(grids, centre, offset, strict=True)
+        )
+        return torch.exp(-distance)[None]
+
+    fixed, moving = blob((0.0, 0.0, 0.0)), blob((2.0, 0.0, 0.0))
+    label = (moving > 0.5).long()
+    item = {"fixed": fixed, "moving": moving, "moving_label": label}
+    warped, ddf, seconds = baselines.register_regnet("rigid", item, (1.0, 1.0, 1.0), 2.0)
+    assert ddf.shape == (3, *shape)
+    inner = ddf[:, 8:-8, 8:-8, 8:-8].reshape(3, -1).mean(1)
+    assert abs(inner[0] - 2.0) < 0.2 and abs(inner[1]) < 0.2 and abs(inner[2]) < 0.2
+    assert warped.shape == shape and seconds > 0

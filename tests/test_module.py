@@ -247,3 +247,34 @@ def test_checkpoint_rebuilds_model_from_stored_config(tmp_path):
     torch.save({"hyper_parameters": {}}, bare)
     with pytest.raises(ValueError, match="holds no model config"):
         RegistrationModule.from_checkpoint(bare)
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (8, 12, 10)])
+def test_label_downsize_compares_cell_averaged_labels(shape):
+    """A constant even translation moves whole cells: the warped cell-averaged moving labels
+    equal the cell-averaged fixed labels (away from the border)."""
+    ndim, f, k = len(shape), 2, 3
+    offsets = [2, -4, 2][:ndim]
+    moving = np.random.default_rng(0).integers(0, k, size=shape)
+    fixed = shift(moving, offsets)
+    ddf = torch.tensor(offsets, dtype=torch.float32).view(ndim, *[1] * ndim).expand(ndim, *shape)
+    module = RegistrationModule(FixedField(ddf), loss="dice", num_labels=k, label_downsize=f)
+    batch = {
+        "fixed": torch.zeros(1, 1, *shape),
+        "moving": torch.zeros(1, 1, *shape),
+        "fixed_label": torch.from_numpy(fixed)[None, None],
+        "moving_label": torch.from_numpy(moving)[None, None],
+    }
+    inputs = module._register(batch)
+    cells = tuple(n // f for n in shape)
+    assert inputs["fixed_label"].shape == (1, k, *cells)
+    assert inputs["warped_label"].shape == (1, k, *cells)
+    split_cells = [size for n in cells for size in (n, f)]  # axis a -> (cell, voxel in cell)
+    expected = np.stack([(fixed == c).reshape(split_cells) for c in range(k)])
+    expected = expected.mean(axis=tuple(range(2, 2 * ndim + 1, 2)))
+    np.testing.assert_allclose(inputs["fixed_label"][0].numpy(), expected, atol=1e-6)
+    inner = (slice(None),) + tuple(slice(3, n - 3) for n in cells)
+    warped = inputs["warped_label"][0].detach().numpy()
+    np.testing.assert_allclose(warped[inner], expected[inner], atol=1e-5)
+    with pytest.raises(ValueError, match="label_downsize must be an integer >= 1"):
+        RegistrationModule(FixedField(ddf), loss="dice", num_labels=k, label_downsize=0)

@@ -24,6 +24,7 @@ from regnet.pipeline import (
     map_points,
     map_to_fixed_grid,
     network_field_to_world,
+    preprocessing_from_config,
 )
 
 FIXED_SHAPE = (12, 10, 9)
@@ -223,3 +224,16 @@ def test_bad_inputs_name_the_file(tmp_path: Path, case: str, problem: str) -> No
             load_volume(bad)
     message = str(error.value)
     assert message.startswith(str(bad)) and problem in message and "\n" not in message
+
+
+def test_preprocessing_is_rebuilt_from_the_training_data_config():
+    """predict.py preprocesses as training did: validation settings first, then training's."""
+    data = {
+        "shape": [8, 8, 8],
+        "train": {"spacing": [2.0, 2.0, 2.0], "percentiles": [0.5, 99.5], "centre": "foreground"},
+        "val": {"spacing": [2.0, 2.0, 2.0], "percentiles": [0.5, 99.5], "centre": "foreground"},
+    }
+    settings = preprocessing_from_config({"data": data})
+    assert settings.spacing == (2.0, 2.0, 2.0) and settings.shape == (8, 8, 8)
+    assert settings.percentiles == (0.5, 99.5) and settings.centre == "foreground"
+    assert preprocessing_from_config({"data": {"shape": [8, 8, 8]}}).centre == "grid"

@@ -61,6 +61,7 @@ def build_module(cfg: DictConfig) -> RegistrationModule:
         loss_weights=OmegaConf.to_container(cfg.loss_weights, resolve=True),
         loss_options=OmegaConf.to_container(cfg.loss_options, resolve=True),
         num_labels=int(cfg.data.get("num_labels", 0)),
+        label_downsize=int(cfg.get("label_downsize", 1)),
         optimizer=cfg.optimizer.name,
         lr=cfg.optimizer.lr,
         weight_decay=cfg.optimizer.weight_decay,

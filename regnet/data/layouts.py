@@ -63,7 +63,7 @@ class RegistrationPairs(Dataset):
         pairs: ``(fixed_index, moving_index)`` into ``subjects``; ``None`` draws random
             inter-subject pairs: item ``i`` has fixed subject ``i % n`` and a moving subject drawn
             from the other ones (``len`` is ``pairs_per_epoch``, default ``n``).
-        ndim, spacing, shape, percentiles, slice_index: preprocessing, see
+        ndim, spacing, shape, percentiles, slice_index, centre: preprocessing, see
             :func:`regnet.data.preprocess.subject_transform`.
         augmentation: a transform of subject records (e.g.
             :func:`regnet.data.augment.build_augmentation`), or ``None``.
@@ -89,6 +89,7 @@ class RegistrationPairs(Dataset):
         shape: Sequence[int] | None = None,
         percentiles: Sequence[float] | None = (1.0, 99.0),
         slice_index: int | None = None,
+        centre: str = "grid",
         augmentation: Callable[[dict], dict] | None = None,
         cache: str = "none",
         cache_dir: str | Path | None = None,
@@ -102,8 +103,8 @@ class RegistrationPairs(Dataset):
         spacing = None if spacing is None else (spacing if np.isscalar(spacing) else list(spacing))
         shape = None if shape is None else [int(s) for s in shape]
         percentiles = None if percentiles is None else tuple(float(p) for p in percentiles)
-        transform = subject_transform(self.ndim, spacing, shape, percentiles, slice_index)
-        settings = json.dumps([self.ndim, spacing, shape, percentiles, slice_index])
+        transform = subject_transform(self.ndim, spacing, shape, percentiles, slice_index, centre)
+        settings = json.dumps([self.ndim, spacing, shape, percentiles, slice_index, centre])
         records = []
         for subject in subjects:
             record = subject_record(

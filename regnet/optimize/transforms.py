@@ -82,14 +82,21 @@ class BSplineField(nn.Module):
 class DenseField(nn.Module):
     """A dense field on one pyramid level: ``base + G_sigma * p`` with ``p`` optimised.
 
-    ``base`` ``(1, ndim, *S)`` is the field carried from the coarser level (level voxels).
-    Smoothing the free parameters by a Gaussian of ``sigma`` level voxels on every evaluation
-    keeps each update smooth (the gradient reaching ``p`` is the smoothed similarity gradient).
-    ``diffeomorphic`` treats the field as a stationary velocity and returns its exponential
-    (scaling and squaring, ``steps``) computed on a grid ``integration_downsize`` times coarser
-    and upsampled, as the networks' SVF head does; otherwise it is the displacement itself.
-    Integrating at half resolution made an SVF registration of a 2 mm demo brain pair 2.3x
-    faster (48 s -> 21 s; scaling and squaring's backward pass dominated) at equal Dice (0.429).
+    ``base`` ``(1, ndim, *P)`` is the field carried from the coarser level, on the parameter
+    grid ``P`` (its voxels). Smoothing the free parameters by a Gaussian of ``sigma`` parameter
+    voxels on every evaluation keeps each update smooth (the gradient reaching ``p`` is the
+    smoothed similarity gradient).
+
+    Without ``diffeomorphic`` the field is the displacement itself and ``P`` is the level grid.
+    With it the field is a stationary velocity on a grid about ``integration_downsize`` times
+    coarser than the level's (:func:`velocity_shape`), exponentiated there by scaling and
+    squaring (``steps``) and upsampled to the level grid ``shape``, as the networks' SVF head
+    does. Keeping the velocity's parameters on that coarse grid, instead of on the level grid
+    and resampling them before integrating, leaves the transform family unchanged and makes
+    the smoothing and its backward pass 8x cheaper in 3D: on the 4 demo pairs at 2 mm
+    (``register.py`` defaults, 1 thread) a finest-level iteration went from 0.90 s to 0.58 s,
+    mean Dice from 0.472 to 0.478 and SDlogJ from 0.43 to 0.35 (smoothing now acts on the
+    velocity's own grid).
     """
 
     def __init__(
@@ -97,27 +104,39 @@ class DenseField(nn.Module):
         base: torch.Tensor,
         sigma: float,
         diffeomorphic: bool,
+        shape: Sequence[int],
         steps: int = 7,
-        integration_downsize: int = 2,
     ) -> None:
         super().__init__()
         self.register_buffer("base", base.detach())
         self.free = nn.Parameter(torch.zeros_like(base))
         self.sigma, self.diffeomorphic, self.steps = float(sigma), diffeomorphic, steps
-        self.integration_downsize = int(integration_downsize)
+        self.shape = tuple(int(n) for n in shape)
+        if not diffeomorphic and tuple(base.shape[2:]) != self.shape:
+            raise ValueError(
+                f"a displacement field's base {tuple(base.shape[2:])} must lie on the level "
+                f"grid {self.shape}"
+            )
 
     def field(self) -> torch.Tensor:
-        """The optimised displacement or velocity ``(1, ndim, *S)`` (level voxels)."""
+        """The optimised displacement or velocity ``(1, ndim, *P)`` (parameter-grid voxels)."""
         return self.base + gaussian_smooth(self.free, self.sigma)
 
     def forward(self) -> torch.Tensor:
-        """Displacement ``(1, ndim, *S)`` in level voxels."""
+        """Displacement ``(1, ndim, *shape)`` in level voxels."""
         field = self.field()
         if not self.diffeomorphic:
             return field
-        shape = field.shape[2:]
-        coarse = [max(4, -(-n // self.integration_downsize)) for n in shape]
-        return resize_ddf(integrate(resize_ddf(field, coarse), self.steps), shape)
+        return resize_ddf(integrate(field, self.steps), self.shape)
+
+
+def velocity_shape(shape: Sequence[int], integration_downsize: int = 2) -> tuple[int, ...]:
+    """Grid of a level's stationary velocity: ``ceil(n / integration_downsize)``, at least 4.
+
+    Integrating at half resolution made an SVF registration of a 2 mm demo brain pair 2.3x
+    faster (48 s -> 21 s; scaling and squaring's backward pass dominated) at equal Dice (0.429).
+    """
+    return tuple(max(4, -(-int(n) // integration_downsize)) for n in shape)
 
 
 def after(initial: torch.Tensor | None, ddf: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ Conventions (DDF layout, units, backward mapping) are those of :mod:`regnet.spat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -115,10 +116,32 @@ def warp_labels(
     return warp(onehot, ddf, mode="linear").max(dim=1, keepdim=True).indices
 
 
-def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Integer labels ``(B, 1, *S)`` -> float one-hot ``(B, num_classes, *S)``."""
-    flat = F.one_hot(labels[:, 0].long().clamp_min(0), num_classes)
-    return flat.movedim(-1, 1).float()
+def one_hot(labels: torch.Tensor, num_classes: int, cell: int = 1) -> torch.Tensor:
+    """Integer labels ``(B, 1, *S)`` -> float one-hot ``(B, num_classes, *S)``.
+
+    With ``cell = f > 1``: the fraction of each class in cells of ``f`` voxels per axis,
+    ``(B, num_classes, *(S // f))`` (cell ``i`` holds voxels ``f i .. f i + f - 1``; trailing
+    voxels that fill no whole cell are left out), i.e. the one-hot map average-pooled by ``f``,
+    counted directly in one pass over the voxels instead of ``num_classes`` passes.
+    """
+    labels = labels[:, 0].long().clamp_min(0)
+    if labels.numel() and int(labels.max()) >= num_classes:
+        raise ValueError(f"label {int(labels.max())} is out of range for {num_classes} classes")
+    batch, shape = labels.shape[0], labels.shape[1:]
+    if cell == 1:
+        out = torch.zeros(batch, num_classes, *shape, device=labels.device)
+        return out.scatter_(1, labels.unsqueeze(1), 1.0)
+    cells = [n // cell for n in shape]
+    labels = labels[(slice(None), *(slice(0, c * cell) for c in cells))]
+    index = torch.zeros((), dtype=torch.long, device=labels.device)
+    for axis, count in enumerate(cells):
+        along = torch.arange(count * cell, device=labels.device) // cell
+        index = index * count + along.view(-1, *[1] * (len(cells) - axis - 1))
+    ncells = math.prod(cells)
+    owner = torch.arange(batch, device=labels.device).view(-1, *[1] * len(cells))
+    flat = (owner * num_classes + labels) * ncells + index
+    counts = torch.bincount(flat.flatten(), minlength=batch * num_classes * ncells)
+    return counts.view(batch, num_classes, *cells).float() / cell ** len(cells)
 
 
 def compose(u: torch.Tensor, v: torch.Tensor, padding: str = "border") -> torch.Tensor:

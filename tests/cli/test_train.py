@@ -149,6 +149,23 @@ def test_resume_restores_step_and_optimizer(tmp_path):
         torch.testing.assert_close(state[key]["exp_avg_sq"], param_state["exp_avg_sq"])
 
 
+def test_last_checkpoint_holds_the_final_step(tmp_path):
+    """last.ckpt is the latest state (for resuming), also after a partial last epoch and when
+    the best checkpoint is an earlier one."""
+    trainer = train(
+        compose_train(
+            tmp_path, "data.train.length=6", "trainer.max_steps=4", "trainer.max_epochs=5"
+        )
+    )
+    assert trainer.global_step == 4
+    last = torch.load(
+        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert last["global_step"] == 4
+    best = sorted((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1
+
+
 def test_command_line_run_writes_one_run_directory(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("loss=lncc+bending+dice", "experiment=debug", f"hydra.run.dir={run_dir}")

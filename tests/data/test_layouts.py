@@ -224,3 +224,39 @@ def test_voxel_to_world_inverse():
     world = voxel_to_world(affine, voxels)
     np.testing.assert_allclose(world[0], [5 - 4.0, -3 + 1.5, 1 + 9.0])
     np.testing.assert_allclose(voxel_to_world(np.linalg.inv(affine), world), voxels)
+
+
+@pytest.mark.parametrize("affine", AFFINES, ids=["RAS", "LAS", "LPS"])
+def test_foreground_centre_centres_the_head_and_keeps_world_positions(tmp_path, affine):
+    """``centre="foreground"`` puts an off-centre object in the middle of the network grid, and
+    the grid's affine still maps every voxel to the world point it came from."""
+    from regnet.data.preprocess import load_pair
+
+    shape = (20, 16, 12)
+    image = np.random.default_rng(0).uniform(0.0, 2.0, shape).astype(np.float32)  # noise
+    image[1:7, 2:8, 1:5] = 100.0  # bright off-centre object
+    label = np.zeros(shape, np.int16)
+    label[1:7, 2:8, 1:5] = 1
+    affine = affine @ np.diag([2.0, 1.5, 1.0, 1.0])
+    affine[:3, 3] = (10.0, -4.0, 3.0)
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "i.nii.gz"))
+    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "l.nii.gz"))
+    world = voxel_to_world(affine, np.argwhere(label > 0)).mean(0)
+    centred = {}
+    for centre in ("grid", "foreground"):
+        item = load_pair(
+            tmp_path / "i.nii.gz",
+            tmp_path / "i.nii.gz",
+            tmp_path / "l.nii.gz",
+            tmp_path / "l.nii.gz",
+            spacing=1.0,
+            shape=(16, 16, 16),
+            centre=centre,
+        )
+        voxels = np.argwhere(item["fixed_label"][0].numpy() > 0)
+        centred[centre] = np.abs(voxels.mean(0) - 7.5).max()
+    # the whole object (12 x 9 x 4 mm) is inside the foreground-centred grid, where it was
+    assert abs(len(voxels) - 12 * 9 * 4) <= 12 * 4
+    mapped = voxel_to_world(item["fixed_affine"].numpy(), voxels).mean(0)
+    np.testing.assert_allclose(mapped, world, atol=0.75)
+    assert centred["foreground"] <= 1.0 < 3.0 < centred["grid"]

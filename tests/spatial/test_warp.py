@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from regnet.spatial import (
@@ -18,6 +19,7 @@ from regnet.spatial import (
     warp_labels,
 )
 from regnet.spatial.affine import image_centre
+from regnet.spatial.warp import one_hot
 
 SHAPES = {2: (23, 19), 3: (13, 11, 9)}
 
@@ -186,3 +188,19 @@ def test_grids_cached_under_inference_mode_still_support_autograd():
     cp = torch.zeros(1, 3, 4, 4, 4, requires_grad=True)
     bspline_to_ddf(cp, shape).sum().backward()
     assert ddf.grad is not None and cp.grad is not None and small.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 7, 9), (2, 1, 5, 6, 7)])
+@pytest.mark.parametrize("cell", [1, 2, 3])
+def test_one_hot_counts_class_fractions_per_cell(shape, cell):
+    labels = torch.randint(0, 4, shape, generator=torch.Generator().manual_seed(0))
+    labels.view(-1)[0] = 3
+    reference = F.one_hot(labels[:, 0], 4).movedim(-1, 1).double()
+    if cell > 1:
+        pool = F.avg_pool2d if len(shape) == 4 else F.avg_pool3d
+        reference = pool(reference, cell)
+    result = one_hot(labels, 4, cell=cell)
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result.double(), reference)
+    with pytest.raises(ValueError, match="label 3 is out of range for 3 classes"):
+        one_hot(labels, 3, cell=cell)
