@@ -236,3 +236,18 @@ def test_ddp_on_two_cpu_processes(tmp_path):
         run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
     )
     assert checkpoint["global_step"] == 2
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+)
+def test_every_experiment_config_builds_its_module(tmp_path, experiment):
+    from regnet.cli.train import build_module
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose(
+            "train", overrides=[f"experiment={experiment}", f"paths.output_dir={tmp_path}"]
+        )
+    module = build_module(cfg)
+    assert module.hparams.loss == cfg.loss
+    assert module.hparams.label_downsize == cfg.label_downsize
