@@ -12,8 +12,8 @@ every result is a field on the fixed network grid like a network's) by:
   the defaults of ``register.py``, including its working grid (``--regnet-spacing`` mm, 2 by
   default; the field is upsampled to the data grid);
 - with ``--checkpoint``, a trained network: ``regnet-net`` (one forward pass on the CPU) and
-  ``regnet-net+refine`` (then ``--refine-steps`` of :func:`regnet.optimize.refine`, as
-  ``predict.py refine.steps=N`` does).
+  ``regnet-net+refine`` (then :func:`regnet.optimize.refine` with its defaults, a diffeomorphic
+  update on 2 levels, ``--refine-steps`` per level, as ``predict.py refine.steps=N`` does).
 
 The moving labels are warped (ANTs: ``genericLabel``; regnet: nearest neighbour) and scored
 against the fixed labels with :mod:`regnet.metrics`: mean Dice over the fixed image's labels,
@@ -174,7 +174,12 @@ def main(argv: list[str] | None = None) -> None:
         help="crop/pad about the grid or the foreground centre (as the network was trained)",
     )
     parser.add_argument("--checkpoint", type=Path, default=None, help="for regnet-net methods")
-    parser.add_argument("--refine-steps", type=int, default=50)
+    parser.add_argument(
+        "--refine-steps",
+        type=int,
+        default=10,
+        help="per pyramid level (refine defaults: svf, 2 levels)",
+    )
     parser.add_argument(
         "--regnet-spacing",
         default="2",

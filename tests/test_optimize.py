@@ -222,17 +222,46 @@ def test_landmarks_pull_a_deformable_result():
     assert float(pulled.ddf[0, :, 12, 12].min()) > 0.5
 
 
-def test_refine_improves_a_partial_field():
+@pytest.mark.parametrize(("transform", "levels"), [("svf", 2), ("ddf", 1), ("ddf", 2)])
+def test_refine_improves_a_partial_field(transform, levels):
     shape = (32, 32)
     moving = textured(shape)
     truth = smooth_field(shape, amplitude=2.0, sigma=4.0)
     fixed = warp(moving, truth)
     start = 0.4 * truth
-    refined = refine(start, fixed, moving, steps=60, weights={"grad": 0.1}, lr=0.1)
+    refined = refine(
+        start, fixed, moving, steps=60, weights={"grad": 0.1}, transform=transform, levels=levels
+    )
     assert refined.shape == start.shape
     error_start = float((start - truth).norm(dim=1).mean())
     assert float((refined - truth).norm(dim=1).mean()) < 0.5 * error_start
+    assert bool((jacobian_determinant(refined) > 0).all())
     assert refine(start, fixed, moving, steps=0) is not None
+
+
+@pytest.mark.parametrize("transform", ["svf", "ddf"])
+@pytest.mark.parametrize("shape", [(24, 20), (12, 16, 10)])
+def test_a_starting_field_passes_through_the_pyramid_unresampled(transform, shape):
+    """With no iterations the result is the starting field itself, fine detail included: the
+    coarse levels optimise an update and never resample the starting field."""
+    start = torch.randn(1, len(shape), *shape, generator=torch.Generator().manual_seed(0))
+    image = textured(shape)
+    result = register(
+        image,
+        image,
+        transform=transform,
+        levels=3,
+        iterations=(0, 0, 0),
+        init="identity",
+        initial_ddf=start,
+    )
+    torch.testing.assert_close(result.ddf, start, atol=1e-5, rtol=0)
+
+
+def test_refine_rejects_an_unknown_transform():
+    field = torch.zeros(1, 2, 8, 8)
+    with pytest.raises(ValueError, match="refine transform must be 'svf' or 'ddf'"):
+        refine(field, textured((8, 8)), textured((8, 8)), steps=1, transform="bspline")
 
 
 def test_level_shapes_halve_towards_the_coarsest():

@@ -44,7 +44,7 @@ from regnet.cli.common import (
     resolve_device,
     run_command,
 )
-from regnet.cli.predict import apply_preprocess_overrides, predict_pair
+from regnet.cli.predict import apply_preprocess_overrides, check_refine_settings, predict_pair
 from regnet.cli.register import check_settings as check_register_settings
 from regnet.cli.register import register_pair
 from regnet.data.layouts import Learn2RegDataset
@@ -240,8 +240,7 @@ def _slug(name: str) -> str:
 def evaluate(cfg: DictConfig) -> Path:
     """Run ``evaluate`` for a composed ``configs/evaluate.yaml``; returns the output folder."""
     device = resolve_device(cfg.device)
-    if int(cfg.refine.steps) < 0:
-        raise InputError("refine.steps", f"must be >= 0, got {cfg.refine.steps}")
+    check_refine_settings(cfg)
     specs = evaluation_pairs(cfg)
     for spec in specs:
         spec.check_files()

@@ -4,7 +4,7 @@ Examples::
 
     python predict.py ckpt=model.ckpt pair=[fixed.nii.gz,moving.nii.gz] out=result
     python predict.py ckpt=model.ckpt pair=[f.nii.gz,m.nii.gz] labels=[fl.nii.gz,ml.nii.gz] \\
-        landmarks=[f.csv,m.csv] refine.steps=50 device=cuda
+        landmarks=[f.csv,m.csv] refine.steps=10 device=cuda
     python predict.py ckpt=model.ckpt pairs=list.csv out=results   # one subfolder per row
 
 The network and its preprocessing (spacing, shape, intensity percentiles) are rebuilt from the
@@ -107,7 +107,9 @@ def predict_pair(
             steps=steps,
             loss=str(cfg.refine.loss),
             weights=OmegaConf.to_container(cfg.refine.weights),
-            lr=float(cfg.refine.lr),
+            lr=None if cfg.refine.lr is None else float(cfg.refine.lr),
+            transform=str(cfg.refine.transform),
+            levels=int(cfg.refine.levels),
             window=int(cfg.refine.window),
             smoothing=float(cfg.refine.smoothing),
         )
@@ -144,6 +146,16 @@ def summary_line(metrics: dict) -> str:
     return ", ".join(parts)
 
 
+def check_refine_settings(cfg: DictConfig) -> None:
+    """Reject bad ``refine.*`` settings before anything runs (:class:`InputError`)."""
+    if int(cfg.refine.steps) < 0:
+        raise InputError("refine.steps", f"must be >= 0, got {cfg.refine.steps}")
+    if cfg.refine.transform not in ("svf", "ddf"):
+        raise InputError("refine.transform", f"must be svf or ddf, got {cfg.refine.transform}")
+    if int(cfg.refine.levels) < 1:
+        raise InputError("refine.levels", f"must be >= 1, got {cfg.refine.levels}")
+
+
 def predict(cfg: DictConfig) -> list[Path]:
     """Run ``predict`` for a composed ``configs/predict.yaml``; returns the output folders.
 
@@ -152,8 +164,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     """
     if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt is None:
         raise InputError("ckpt", "missing; pass ckpt=PATH to a checkpoint written by regnet-train")
-    if int(cfg.refine.steps) < 0:
-        raise InputError("refine.steps", f"must be >= 0, got {cfg.refine.steps}")
+    check_refine_settings(cfg)
     device = resolve_device(cfg.device)
     jobs = pair_specs(cfg)
     for spec, out_dir in jobs:

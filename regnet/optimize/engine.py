@@ -437,15 +437,13 @@ def register(
     local_full = None
     if deformable:
         rate = DEFAULT_LR[transform] if lr is None else lr
-        carried = initial_ddf if transform == "ddf" else None
+        carried = None  # the optimised update, passed from level to level
         bspline = None
         if transform == "bspline":
             grid_shape = control_grid_shape(shape, control_spacing)
             bspline = BSplineField(torch.zeros(1, ndim, *grid_shape, device=device))
         for level in pyramid:
-            initial = None
-            if initial_ddf is not None and transform != "ddf":
-                initial = resize_ddf(initial_ddf, level.shape)
+            initial = None if initial_ddf is None else resize_ddf(initial_ddf, level.shape)
             field_shape = velocity_shape(level.shape) if transform == "svf" else level.shape
             if carried is None:
                 carried = torch.zeros(1, ndim, *field_shape, device=device)
@@ -463,6 +461,8 @@ def register(
                 params, level_rate = list(dense.parameters()), rate
 
                 def local_field(dense=dense, initial=initial):
+                    if transform == "ddf" and initial is not None:
+                        return initial + dense()
                     return after(initial, dense())
 
             record = LevelHistory(transform, level.index, level.shape)
@@ -519,52 +519,64 @@ def refine(
     model_ddf: torch.Tensor,
     fixed: torch.Tensor,
     moving: torch.Tensor,
-    steps: int = 50,
+    steps: int = 10,
     loss: str = "lncc+grad",
     weights: Mapping[str, float] | None = None,
-    lr: float = 0.1,
+    lr: float | None = None,
     *,
+    transform: str = "svf",
+    levels: int = 2,
     fixed_mask: torch.Tensor | None = None,
     loss_options: Mapping[str, Mapping[str, Any]] | None = None,
     window: int = 7,
     smoothing: float = 1.0,
 ) -> torch.Tensor:
-    """Instance optimisation: refine a network's DDF on one pair by ``steps`` Adam steps.
+    """Instance optimisation: refine a network's DDF on one pair, ``steps`` Adam steps per level.
 
-    Optimises ``u = model_ddf + G_smoothing * p`` at full resolution (one level, no affine
-    stage) against ``loss`` (e.g. ``"lncc+grad"``, :func:`regnet.losses.build_loss`).
+    ``transform="svf"`` (default) optimises a stationary velocity field ``v`` on its
+    half-resolution grid and composes its exponential before the network's field,
+    ``x -> x + u_net(x + exp(v)(x))``: the update is diffeomorphic, so refinement adds next to no
+    folding to the network's. ``"ddf"`` adds a Gaussian-smoothed dense update instead
+    (``u = u_net + G_smoothing * p``), which folds more. Both run on a ``levels``-level pyramid
+    (finest: the input grid) with no affine stage. On the 4 demo pairs at 2 mm
+    (``docs/benchmarks.md``) ``svf`` with 10 steps on 2 levels lifts a network's Dice
+    0.367 -> 0.458 at 0.004 % folding; ``ddf`` with 25 steps on 1 level reaches 0.434 at 0.07 %.
 
     Args:
         model_ddf: ``(1, ndim, *S)`` starting DDF, voxels of the fixed grid (backward).
         fixed, moving: ``(1, C, *S)`` images on that grid.
-        steps: Adam steps (0 returns ``model_ddf`` unchanged).
+        steps: Adam steps on each pyramid level (0 returns ``model_ddf`` unchanged).
         loss, weights, loss_options: loss spec, weight and keyword arguments per term.
-        lr: Adam learning rate in voxels.
+        lr: Adam learning rate in voxels (default :data:`DEFAULT_LR` of ``transform``).
+        transform: ``"svf"`` or ``"ddf"``.
+        levels: pyramid levels, each twice as coarse as the next.
         fixed_mask: optional ``(1, 1, *S)`` mask restricting the similarity.
         window: LNCC window (voxels).
-        smoothing: Gaussian sigma (voxels) applied to the update parameters each evaluation.
+        smoothing: Gaussian sigma (field-grid voxels) applied to the update parameters.
 
     Returns:
         The refined DDF ``(1, ndim, *S)`` on ``model_ddf``'s device, detached.
     """
     if steps < 0:
         raise ValueError(f"refine steps must be >= 0, got {steps}")
+    if transform not in ("svf", "ddf"):
+        raise ValueError(f"refine transform must be 'svf' or 'ddf', got {transform!r}")
     if steps == 0:
         return model_ddf.detach()
     result = register(
         fixed,
         moving,
-        transform="ddf",
+        transform=transform,
         loss=loss,
         weights=weights,
-        levels=1,
-        iterations=(steps,),
+        levels=levels,
+        iterations=(steps,) * levels,
         lr=lr,
         fixed_mask=fixed_mask,
         init="identity",
         affine_first=False,
         initial_ddf=model_ddf,
-        windows=(window,),
+        windows=(window,) * levels,
         loss_options=loss_options,
         smoothing=smoothing,
         device=model_ddf.device,

@@ -148,6 +148,26 @@ def test_predict_writes_the_network_result_in_fixed_space(checkpoint, files, tmp
     assert (out / "itk_warp.nii.gz").is_file() and (out / "overview.png").is_file()
 
 
+@pytest.mark.parametrize("transform", ["svf", "ddf"])
+def test_refinement_starts_from_the_network_and_improves_similarity(
+    checkpoint, files, tmp_path, capsys, transform
+):
+    out = tmp_path / "refined"
+    args = [f"ckpt={checkpoint}", f"pair=[{files['fixed']},{files['moving']}]", "device=cpu"]
+    refine_args = ["refine.steps=20", f"refine.transform={transform}", "refine.levels=1"]
+    status, err = run_main([*args, *refine_args, f"out={out}"], capsys)
+    assert status == 0, err
+    status, err = run_main([*args, f"out={tmp_path / 'plain'}"], capsys)
+    assert status == 0, err
+    fixed = nib.load(str(files["fixed"])).get_fdata()
+    plain = nib.load(str(tmp_path / "plain" / "warped.nii.gz")).get_fdata()
+    refined = nib.load(str(out / "warped.nii.gz")).get_fdata()
+    assert np.mean((refined - fixed) ** 2) < np.mean((plain - fixed) ** 2)
+    disp, _ = load_disp(out / "disp_mm.nii.gz")
+    assert np.abs(disp - reference_disp_mm(checkpoint, files)).max() > 1e-3
+    assert json.loads((out / "metrics.json").read_text())["info"]["refine_steps"] == 20
+
+
 def load_disp(path: Path) -> tuple[np.ndarray, np.ndarray]:
     image = nib.load(str(path))
     return np.moveaxis(image.get_fdata()[:, :, :, 0, :], -1, 0), image.affine
@@ -203,6 +223,8 @@ def bad_case(case: str, files: dict[str, Path], checkpoint: Path, tmp: Path) -> 
         return [f"ckpt={path}"], f"{path}: not a PyTorch checkpoint"
     if case == "no_ckpt":
         return ["ckpt=null"], "ckpt: missing"
+    if case == "refine_transform":
+        return ["refine.steps=2", "refine.transform=bspline"], "refine.transform: must be svf"
     raise AssertionError(case)
 
 
@@ -218,6 +240,7 @@ def bad_case(case: str, files: dict[str, Path], checkpoint: Path, tmp: Path) -> 
         "version",
         "not_a_checkpoint",
         "no_ckpt",
+        "refine_transform",
     ],
 )
 def test_bad_input_gives_one_line_and_writes_nothing(case, checkpoint, files, tmp_path, capsys):
