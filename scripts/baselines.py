@@ -10,10 +10,12 @@ every result is a field on the fixed network grid like a network's) by:
   (antspyx's own ``SyN`` defaults, iterations 40,20,0);
 - regnet's per-pair optimisation, ``regnet-<transform>``: :func:`regnet.optimize.register` with
   the defaults of ``register.py``, including its working grid (``--regnet-spacing`` mm, 2 by
-  default; the field is upsampled to the data grid);
+  default; the field is upsampled to the data grid); ``regnet-<transform>:100-60-30`` sets the
+  iterations per level, coarse to fine, so that settings can be compared in one run;
 - with ``--checkpoint``, a trained network: ``regnet-net`` (one forward pass on the CPU) and
   ``regnet-net+refine`` (then :func:`regnet.optimize.refine` with its defaults, a diffeomorphic
-  update on 2 levels, ``--refine-steps`` per level, as ``predict.py refine.steps=N`` does).
+  update on 2 levels, ``--refine-steps`` per level, as ``predict.py refine.steps=N`` does) and
+  ``regnet-net+refine-ddf`` (the same with an additive update, ``refine.transform=ddf``).
 
 The moving labels are warped (ANTs: ``genericLabel``; regnet: nearest neighbour) and scored
 against the fixed labels with :mod:`regnet.metrics`: mean Dice over the fixed image's labels,
@@ -49,7 +51,8 @@ from regnet.spatial import resize_ddf, warp_labels
 
 ANTS_TRANSFORMS = {"affine": "Affine", "syn": "SyN", "syn-default": "SyN"}
 REGNET_TRANSFORMS = {"regnet-affine": "affine", "regnet-bspline": "bspline", "regnet-svf": "svf"}
-NETWORK_METHODS = ("regnet-net", "regnet-net+refine")
+NETWORK_METHODS = {"regnet-net": None, "regnet-net+refine": "svf", "regnet-net+refine-ddf": "ddf"}
+"""Network methods and the transform of their refinement (``None``: the network alone)."""
 
 
 def import_ants():
@@ -106,11 +109,22 @@ def working_shape(shape, spacing, working_spacing) -> tuple[int, ...]:
     )
 
 
+def split_iterations(method: str) -> tuple[str, tuple[int, ...] | None]:
+    """``"regnet-svf:100-60-30"`` -> ``("regnet-svf", (100, 60, 30))``; no suffix -> ``None``."""
+    name, _, suffix = method.partition(":")
+    return name, tuple(int(n) for n in suffix.split("-")) if suffix else None
+
+
 def register_regnet(
-    transform: str, item: dict, spacing: tuple[float, ...], working_spacing: float | None
+    transform: str,
+    item: dict,
+    spacing: tuple[float, ...],
+    working_spacing: float | None,
+    iterations: tuple[int, ...] | None = None,
 ):
-    """regnet's classical optimisation (``register.py`` defaults) on the same pair; returns
-    ``(warped_moving_label, ddf_voxels, seconds)`` like :func:`register`.
+    """regnet's classical optimisation (``register.py`` defaults, or ``iterations`` per level)
+    on the same pair; returns ``(warped_moving_label, ddf_voxels, seconds)`` like
+    :func:`register`.
 
     As ``register.py`` does, it runs on a grid of ``working_spacing`` mm covering the pair's
     extent (``None``: the pair's own grid) and the field is upsampled to the pair's grid."""
@@ -124,6 +138,7 @@ def register_regnet(
         downsample(moving, grid),
         transform=transform,
         spacing=grid_spacing,
+        iterations=iterations,
     )
     ddf = resize_ddf(result.ddf, shape)
     seconds = time.perf_counter() - start
@@ -131,13 +146,20 @@ def register_regnet(
     return warped[0, 0].numpy(), ddf[0].double().numpy(), seconds
 
 
-def register_network(network, item: dict, refine_steps: int):
-    """A trained network's field for the pair (one forward pass on the CPU), then
-    ``refine_steps`` of instance optimisation; returns like :func:`register`."""
+def register_network(network, item: dict, refine_transform: str | None, refine_steps: int):
+    """A trained network's field for the pair (one forward pass on the CPU), then, unless
+    ``refine_transform`` is ``None``, ``refine_steps`` per level of instance optimisation;
+    returns like :func:`register`."""
     start = time.perf_counter()
     ddf = run_network(network, item, "cpu")
-    if refine_steps:
-        ddf = refine(ddf, item["fixed"][None], item["moving"][None], steps=refine_steps)
+    if refine_transform is not None:
+        ddf = refine(
+            ddf,
+            item["fixed"][None],
+            item["moving"][None],
+            steps=refine_steps,
+            transform=refine_transform,
+        )
     seconds = time.perf_counter() - start
     warped = warp_labels(item["moving_label"][None], ddf, method="nearest")
     return warped[0, 0].numpy(), ddf[0].double().numpy(), seconds
@@ -196,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     valid = {"none", *ANTS_TRANSFORMS, *REGNET_TRANSFORMS, *NETWORK_METHODS}
-    unknown = set(methods) - valid
+    unknown = {m for m in methods if split_iterations(m)[0] not in valid}
+    unknown |= {m for m in methods if ":" in m and split_iterations(m)[0] not in REGNET_TRANSFORMS}
     if unknown:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(valid)}")
     network = None
@@ -232,13 +255,15 @@ def main(argv: list[str] | None = None) -> None:
         for method in methods:
             if method == "none":
                 warped, ddf, seconds = item["moving_label"][0].numpy(), None, 0.0
-            elif method in REGNET_TRANSFORMS:
+            elif split_iterations(method)[0] in REGNET_TRANSFORMS:
+                name, iterations = split_iterations(method)
                 warped, ddf, seconds = register_regnet(
-                    REGNET_TRANSFORMS[method], item, spacing, working_spacing
+                    REGNET_TRANSFORMS[name], item, spacing, working_spacing, iterations
                 )
             elif method in NETWORK_METHODS:
-                steps = args.refine_steps if method.endswith("+refine") else 0
-                warped, ddf, seconds = register_network(network, item, steps)
+                warped, ddf, seconds = register_network(
+                    network, item, NETWORK_METHODS[method], args.refine_steps
+                )
             else:
                 warped, ddf, seconds = register(ants, method, item, spacing, syn_iterations)
             row = {

@@ -157,3 +157,12 @@ def test_baselines_working_grid_recovers_translation_on_the_data_grid():
     inner = ddf[:, 8:-8, 8:-8, 8:-8].reshape(3, -1).mean(1)
     assert abs(inner[0] - 2.0) < 0.2 and abs(inner[1]) < 0.2 and abs(inner[2]) < 0.2
     assert warped.shape == shape and seconds > 0
+
+
+def test_baselines_method_names_carry_optional_iterations():
+    import baselines
+
+    assert baselines.split_iterations("regnet-svf:100-60-30") == ("regnet-svf", (100, 60, 30))
+    assert baselines.split_iterations("syn") == ("syn", None)
+    with pytest.raises(SystemExit):
+        baselines.main(["--methods", "syn:10-10", "--data", "nowhere"])

@@ -222,9 +222,11 @@ def test_landmarks_pull_a_deformable_result():
     assert float(pulled.ddf[0, :, 12, 12].min()) > 0.5
 
 
-@pytest.mark.parametrize(("transform", "levels"), [("svf", 2), ("ddf", 1), ("ddf", 2)])
-def test_refine_improves_a_partial_field(transform, levels):
-    shape = (32, 32)
+@pytest.mark.parametrize(
+    ("shape", "transform", "levels"),
+    [((32, 32), "svf", 2), ((32, 32), "ddf", 1), ((32, 32), "ddf", 2), ((24, 24, 24), "svf", 2)],
+)
+def test_refine_improves_a_partial_field(shape, transform, levels):
     moving = textured(shape)
     truth = smooth_field(shape, amplitude=2.0, sigma=4.0)
     fixed = warp(moving, truth)
@@ -260,7 +262,7 @@ def test_a_starting_field_passes_through_the_pyramid_unresampled(transform, shap
 
 def test_refine_rejects_an_unknown_transform():
     field = torch.zeros(1, 2, 8, 8)
-    with pytest.raises(ValueError, match="refine transform must be 'svf' or 'ddf'"):
+    with pytest.raises(ValueError, match="refine transform must be one of"):
         refine(field, textured((8, 8)), textured((8, 8)), steps=1, transform="bspline")
 
 

@@ -34,7 +34,7 @@ from regnet.cli.common import (
     resolve_device,
     run_command,
 )
-from regnet.optimize import refine
+from regnet.optimize import REFINE_TRANSFORMS, refine
 from regnet.outputs import check_output_dir, write_registration
 from regnet.pipeline import (
     Network,
@@ -150,8 +150,9 @@ def check_refine_settings(cfg: DictConfig) -> None:
     """Reject bad ``refine.*`` settings before anything runs (:class:`InputError`)."""
     if int(cfg.refine.steps) < 0:
         raise InputError("refine.steps", f"must be >= 0, got {cfg.refine.steps}")
-    if cfg.refine.transform not in ("svf", "ddf"):
-        raise InputError("refine.transform", f"must be svf or ddf, got {cfg.refine.transform}")
+    if cfg.refine.transform not in REFINE_TRANSFORMS:
+        choices = " or ".join(REFINE_TRANSFORMS)
+        raise InputError("refine.transform", f"must be {choices}, got {cfg.refine.transform}")
     if int(cfg.refine.levels) < 1:
         raise InputError("refine.levels", f"must be >= 1, got {cfg.refine.levels}")
 

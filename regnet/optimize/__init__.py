@@ -8,6 +8,7 @@ network's DDF on one pair (instance optimisation). Conventions: :mod:`regnet.spa
 from regnet.optimize.engine import (
     DEFAULT_ITERATIONS,
     DEFAULT_LR,
+    REFINE_TRANSFORMS,
     TRANSFORMS,
     LevelHistory,
     RegistrationResult,
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_ITERATIONS",
     "DEFAULT_LR",
     "TRANSFORMS",
+    "REFINE_TRANSFORMS",
     "LevelHistory",
     "RegistrationResult",
     "refine",

@@ -93,10 +93,10 @@ class DenseField(nn.Module):
     squaring (``steps``) and upsampled to the level grid ``shape``, as the networks' SVF head
     does. Keeping the velocity's parameters on that coarse grid, instead of on the level grid
     and resampling them before integrating, leaves the transform family unchanged and makes
-    the smoothing and its backward pass 8x cheaper in 3D: on the 4 demo pairs at 2 mm
-    (``register.py`` defaults, 1 thread) a finest-level iteration went from 0.90 s to 0.58 s,
-    mean Dice from 0.472 to 0.478 and SDlogJ from 0.43 to 0.35 (smoothing now acts on the
-    velocity's own grid).
+    the smoothing and its backward pass 8x cheaper in 3D: on the 4 demo pairs at 2 mm with
+    100/60/30 iterations, 0.72x the time per pair, mean Dice 0.472 -> 0.478 and SDlogJ
+    0.43 -> 0.35 (smoothing now acts on the velocity's own grid; ``docs/benchmarks.md``,
+    "Engine settings").
     """
 
     def __init__(
