@@ -44,7 +44,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from torchvision.utils import save_image
+from PIL import Image
 
 from regnet import __version__
 from regnet.pipeline import GridField, PairInputs, RegistrationResult, Volume
@@ -190,6 +190,17 @@ def metrics_record(inputs: PairInputs, result: RegistrationResult) -> dict[str, 
             "versions": software_versions(),
         }
     )
+
+
+@torch.no_grad()
+def save_image(image: torch.Tensor, path: str | Path) -> None:
+    """Write an RGB image ``(3, H, W)`` in ``[0, 1]`` as an 8-bit PNG, each value rounded to the
+    nearest of 0..255 (the pixels ``torchvision.utils.save_image`` writes; torchvision itself
+    takes seconds to import)."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"save_image: expected an RGB image (3, H, W), got {tuple(image.shape)}")
+    pixels = image.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path, format="PNG")
 
 
 def overview_image(inputs: PairInputs, result: RegistrationResult) -> torch.Tensor:

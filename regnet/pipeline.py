@@ -34,12 +34,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
 from regnet import __version__
 from regnet.data.io import DataError, read_landmarks
-from regnet.data.preprocess import load_pair
 from regnet.metrics import dice_per_label, hd95, jacobian_stats, tre
 from regnet.spatial import jacobian_determinant, sample
 from regnet.spatial.world import (
@@ -428,6 +426,8 @@ class Preprocessing:
         """Preprocess the pair's images (:func:`regnet.data.preprocess.load_pair`): ``fixed``,
         ``moving`` ``(1, *shape)`` float32 and their grids' ``fixed_affine``, ``moving_affine``
         ``(4, 4)`` float64."""
+        from regnet.data.preprocess import load_pair  # MONAI: seconds to import, networks only
+
         return load_pair(
             inputs.fixed.path,
             inputs.moving.path,
@@ -516,6 +516,8 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> Networ
         raise DataError(
             f"{path}: written by regnet {version}, incompatible with this regnet {__version__}"
         )
+    from hydra.utils import instantiate  # only networks need it; keeps the CLIs' start fast
+
     try:
         model = instantiate(config["model"], _convert_="all")
     except Exception as error:  # Hydra wraps every construction error

@@ -2,7 +2,8 @@
 
 Sub-commands:
 
-* ``ops``: LNCC and warping against MONAI (``benchmarks/ops.py``).
+* ``ops``: LNCC and warping against MONAI; forward + backward cost of ``lncc``, ``mi``, ``nmi``
+  (``benchmarks/ops.py``).
 * ``models``: inference and training-step seconds, peak memory, FLOPs and parameters of regnet's
   networks, VoxelMorph 0.3.4 ``VxmPairwise`` and MONAI ``VoxelMorph`` (``benchmarks/models.py``).
 * ``accuracy``: regnet's default model and ``VxmPairwise`` trained with the same data, loss,
@@ -114,12 +115,15 @@ def environment(threads: int, device: str) -> str:
 
 
 def run_ops(args: argparse.Namespace) -> str:
-    from benchmarks.ops import run_ops_benchmark
+    from benchmarks.ops import run_ops_benchmark, run_similarity_benchmark
 
     sections = []
     for shape in args.shape:
+        size = "x".join(map(str, shape))
         rows = run_ops_benchmark(shape, args.repeats, args.device)
-        sections.append(f"### Operations, {'x'.join(map(str, shape))}\n\n{markdown_table(rows)}")
+        sections.append(f"### Operations, {size}\n\n{markdown_table(rows)}")
+        rows = run_similarity_benchmark(shape, args.repeats, args.device)
+        sections.append(f"### Similarity costs, {size}\n\n{markdown_table(rows)}")
     return "\n\n".join(sections)
 
 
@@ -198,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("ops", "LNCC and warp against MONAI"),
+        ("ops", "LNCC and warp against MONAI; lncc, mi, nmi cost"),
         ("models", "speed, memory and FLOPs of the networks"),
         ("accuracy", "accuracy at an equal training budget"),
         ("all", "ops, models and accuracy"),

@@ -17,6 +17,7 @@ from regnet.outputs import (
     OutputExistsError,
     check_output_dir,
     label_dtype,
+    save_image,
     write_registration,
 )
 from regnet.pipeline import GridField, complete_registration, load_pair_inputs
@@ -168,3 +169,17 @@ def test_check_output_dir_and_label_dtype(tmp_path: Path) -> None:
     assert label_dtype(np.array([0, 255])) == np.uint8
     assert label_dtype(np.array([-1, 3])) == np.int16
     assert label_dtype(np.array([0, 40000])) == np.int32
+
+
+def test_save_image_writes_the_pixels_of_torchvision(tmp_path: Path) -> None:
+    """regnet's PNG writer (torchvision is slow to import) rounds like torchvision's."""
+    tv_utils = pytest.importorskip("torchvision.utils")
+    from PIL import Image
+
+    image = torch.rand(3, 11, 17, generator=torch.Generator().manual_seed(0))
+    image[:, 0, :3] = torch.tensor([-0.5, 1.5, 0.5 / 255])  # clipped; rounded half up
+    save_image(image, tmp_path / "ours.png")
+    tv_utils.save_image(image, tmp_path / "torchvision.png")
+    ours = np.asarray(Image.open(tmp_path / "ours.png"))
+    np.testing.assert_array_equal(ours, np.asarray(Image.open(tmp_path / "torchvision.png")))
+    assert ours.shape == (11, 17, 3) and ours.dtype == np.uint8

@@ -11,6 +11,7 @@ from regnet.visualize import (
     grid_image,
     jacobian_image,
     make_panel,
+    tile_grid,
 )
 
 PAD = 2  # make_panel's spacing between tiles
@@ -119,3 +120,12 @@ def test_make_panel_rejects_mismatched_image():
         make_panel(
             torch.rand(1, 8, 8), torch.rand(1, 8, 8), torch.rand(1, 8, 9), torch.zeros(2, 8, 8)
         )
+
+
+@pytest.mark.parametrize(("count", "columns"), [(8, 8), (24, 8), (5, 3), (2, 4)])
+def test_tile_grid_lays_out_like_torchvision_make_grid(count, columns):
+    """regnet's own layout (torchvision is slow to import) equals make_grid's for N > 1."""
+    tv_utils = pytest.importorskip("torchvision.utils")
+    tiles = torch.rand(count, 3, 6, 9, generator=torch.Generator().manual_seed(count))
+    expected = tv_utils.make_grid(tiles, nrow=columns, padding=PAD, pad_value=1.0)
+    torch.testing.assert_close(tile_grid(tiles, columns, PAD, 1.0), expected, rtol=0, atol=0)

@@ -37,7 +37,9 @@ from regnet.cli.common import (
     run_command,
 )
 from regnet.cli.predict import summary_line
-from regnet.optimize import TRANSFORMS, register
+from regnet.optimize import INITS, TRANSFORMS, register
+from regnet.optimize.initialize import foreground_mask
+from regnet.optimize.safeguard import check_against_start
 from regnet.outputs import check_output_dir, write_registration
 from regnet.pipeline import (
     GridField,
@@ -103,6 +105,8 @@ def _tuple(value: Any, name: str) -> tuple[int, ...] | None:
 def check_settings(cfg: DictConfig) -> None:
     if cfg.transform not in TRANSFORMS:
         raise InputError(f"transform={cfg.transform}", f"expected one of {', '.join(TRANSFORMS)}")
+    if cfg.init not in INITS:
+        raise InputError(f"init={cfg.init}", f"expected one of {', '.join(INITS)}")
     if cfg.spacing is not None and not float(cfg.spacing) > 0:
         raise InputError(f"spacing={cfg.spacing}", "must be a positive number of mm")
     if int(cfg.levels) < 1:
@@ -127,6 +131,9 @@ def register_pair(
     if masks is not None:
         options["fixed_mask"] = on_grid(masks[0], affine, shape, "nearest")
         options["moving_mask"] = on_grid(masks[1], affine, shape, "nearest")
+    elif cfg.auto_masks:
+        options["fixed_mask"] = foreground_mask(fixed)
+        options["moving_mask"] = foreground_mask(moving)
     if inputs.fixed_landmarks is not None:
         options["fixed_landmarks"] = torch.from_numpy(
             world_points_to_voxel(inputs.fixed_landmarks, affine)
@@ -148,6 +155,7 @@ def register_pair(
             lr=None if cfg.lr is None else float(cfg.lr),
             landmark_weight=float(cfg.landmark_weight),
             init=str(cfg.init),
+            affine_loss=str(cfg.affine_loss) if cfg.affine_loss else None,
             affine_first=bool(cfg.affine_first),
             affine_model=str(cfg.affine_model),
             affine_iterations=_tuple(cfg.affine_iterations, "affine_iterations"),
@@ -161,7 +169,25 @@ def register_pair(
         )
     except ValueError as error:
         raise InputError("settings", str(error)) from None
-    disp = ddf_to_world(result.ddf, affine)
+    ddf, matrix = result.ddf, result.matrix
+    check = None
+    if cfg.start_check:
+        region = options.get("fixed_mask", foreground_mask(fixed)).to(device)
+        user_masks = (
+            {}
+            if masks is None
+            else {
+                "fixed_mask": options["fixed_mask"].to(device),
+                "moving_mask": options["moving_mask"].to(device),
+            }
+        )
+        check = check_against_start(
+            fixed.to(device), moving.to(device), ddf, region=region, **user_masks
+        )
+        if not check.result_kept:
+            print(f"warning: {inputs.moving.path}: {check.message()}", file=sys.stderr)
+            ddf, matrix = torch.zeros_like(ddf), None
+    disp = ddf_to_world(ddf, affine)
     seconds = watch.seconds()
     info: dict[str, Any] = {
         "method": f"register:{cfg.transform}",
@@ -173,8 +199,10 @@ def register_pair(
             for h in result.history
         },
     }
-    if result.matrix is not None:
-        world = affine @ result.matrix[0].double().cpu().numpy() @ np.linalg.inv(affine)
+    if check is not None:
+        info["start_check"] = check.as_dict()
+    if matrix is not None:
+        world = affine @ matrix[0].double().cpu().numpy() @ np.linalg.inv(affine)
         info["affine_ras_mm"] = world.tolist()  # fixed world point -> moving world point
     return complete_registration(inputs, GridField(disp, affine), seconds, **info)
 

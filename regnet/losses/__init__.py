@@ -24,6 +24,7 @@ from regnet.losses.image import (
 )
 from regnet.losses.label import Dice
 from regnet.losses.lncc import box_sum, local_ncc
+from regnet.losses.mind import MIND, mind_ssc
 from regnet.losses.regularizers import BendingEnergy, Diffusion, JacobianFolding
 from regnet.losses.supervised import DDFRegression
 from regnet.losses.term import LossTerm
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_WEIGHTS",
     "LNCC",
     "LOSS_TERMS",
+    "MIND",
     "MSE",
     "NCC",
     "NGF",
@@ -48,5 +50,6 @@ __all__ = [
     "build_loss",
     "joint_histogram",
     "local_ncc",
+    "mind_ssc",
     "parse_spec",
 ]

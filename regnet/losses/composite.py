@@ -22,6 +22,7 @@ from torch import nn
 
 from regnet.losses.image import LNCC, MSE, NCC, NGF, MutualInformation, NormalizedMutualInformation
 from regnet.losses.label import Dice
+from regnet.losses.mind import MIND
 from regnet.losses.regularizers import BendingEnergy, Diffusion, JacobianFolding
 from regnet.losses.supervised import DDFRegression
 from regnet.losses.term import LossTerm
@@ -33,6 +34,7 @@ LOSS_TERMS: dict[str, type[LossTerm]] = {
     "mi": MutualInformation,
     "nmi": NormalizedMutualInformation,
     "ngf": NGF,
+    "mind": MIND,
     "dice": Dice,
     "ddf": DDFRegression,
     "grad": Diffusion,
@@ -47,6 +49,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "mi": 1.0,
     "nmi": 1.0,
     "ngf": 1.0,
+    "mind": 1.0,
     "dice": 1.0,
     "ddf": 1.0,
     "grad": 1.0,

@@ -7,8 +7,11 @@ Every term reads ``fixed`` and ``warped`` and, when the input dict holds it, res
 * ``ncc``: *negative* global Pearson correlation per image and channel, in ``[-1, 1]``.
 * ``lncc``: *negative* mean squared local correlation, in ``[-1, 0]`` (MONAI's definition, see
   :mod:`regnet.losses.lncc`).
-* ``mi`` / ``nmi``: negative (normalised) mutual information from Parzen-window histograms; NMI
-  ``(H(F) + H(W)) / H(F, W)`` lies in ``[1, 2]``, so the ``nmi`` loss lies in ``[-2, -1]``.
+* ``mi`` / ``nmi``: negative (normalised) mutual information, in nats, from a Mattes joint
+  histogram (cubic B-spline Parzen window on the warped image, see :func:`joint_histogram`):
+  ``mi`` loss ``-(H(F) + H(W) - H(F, W)) <= 0``; NMI ``(H(F) + H(W)) / H(F, W)`` lies in
+  ``[1, 2]``, so the ``nmi`` loss lies in ``[-2, -1]``. Both are stochastic when ``samples`` is
+  set.
 * ``ngf``: ``1 - mean cos^2`` of the angle between edge-regularised gradients, in ``[0, 1]``.
 """
 
@@ -87,44 +90,187 @@ class LNCC(LossTerm):
         return local_ncc(fixed, warped, window=self.window, eps=self.eps, mask=mask)
 
 
+def _cubic_bspline_weights(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cubic B-spline weights of bins ``floor(p) - 1 .. floor(p) + 2`` at ``t = p - floor(p)``."""
+    s = 1.0 - t
+    t2 = t * t
+    w0 = s * s * s / 6.0
+    w3 = t2 * t / 6.0
+    w1 = 2.0 / 3.0 - t2 + 3.0 * w3
+    return w0, w1, 1.0 - w0 - w1 - w3, w3
+
+
+def _cubic_bspline_derivatives(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``d/dt`` of :func:`_cubic_bspline_weights`."""
+    s = 1.0 - t
+    t2 = t * t
+    d0 = -0.5 * s * s
+    d3 = 0.5 * t2
+    d1 = 3.0 * d3 - 2.0 * t
+    return d0, d1, -(d0 + d1 + d3), d3
+
+
+class _MattesHistogram(torch.autograd.Function):
+    """Unnormalised joint histogram ``(B, n * n)`` of ``fixed, warped (B, M)`` (Mattes kernels).
+
+    ``fixed`` goes to bin ``floor((f - low) * scale)`` (clamped to ``0 .. n - 1``); ``warped`` to
+    the 4 bins around position ``p = w * scale + offset`` (clamped to ``[1, n - 2]``) with cubic
+    B-spline weights. ``low``, ``scale``, ``offset`` are ``(B, 1)``; ``weights (B, M)`` or
+    ``None`` weights the voxels. The backward pass gathers the incoming gradient at the 4 cells
+    of each voxel and applies the kernel's derivative (O(M), no ``(M, n)`` intermediate). The
+    gradient to ``fixed`` is zero (its kernel is piecewise constant), to ``weights`` not computed.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, fixed, warped, weights, fixed_low, fixed_scale, warped_scale, warped_offset, n
+    ):
+        batch = fixed.shape[0]
+        fixed_bin = ((fixed - fixed_low) * fixed_scale).clamp_(0, n - 1).to(torch.int32)
+        position = torch.addcmul(warped_offset, warped, warped_scale)
+        inside = (position > 1) & (position < n - 2) if ctx.needs_input_grad[1] else None
+        position = position.clamp_(1, n - 2)
+        base = position.to(torch.int32).clamp_(max=n - 3)
+        t = position.sub_(base)
+        # Flat index of the first of the 4 cells: row (b, fixed bin), column base - 1. The last
+        # cell, base + 2 <= n - 1, stays in the row, so cell + 3 < batch * n * n.
+        rows = torch.arange(batch, device=fixed.device, dtype=torch.int32).unsqueeze(1) * n
+        cell = ((fixed_bin + rows) * n - 1).add_(base).flatten()
+        del fixed_bin, base
+        histogram = torch.zeros(batch * n * n, dtype=warped.dtype, device=warped.device)
+        for j, w in enumerate(_cubic_bspline_weights(t)):
+            if weights is not None:
+                w = w * weights
+            histogram[j:].index_add_(0, cell, w.flatten())
+        ctx.fixed_shape = fixed.shape if ctx.needs_input_grad[0] else None
+        if inside is not None:
+            ctx.save_for_backward(cell, t, inside, weights, warped_scale)
+        return histogram.view(batch, n * n)
+
+    @staticmethod
+    def backward(ctx, grad_histogram):
+        grad_fixed = grad_warped = None
+        if ctx.fixed_shape is not None:
+            grad_fixed = grad_histogram.new_zeros(ctx.fixed_shape)
+        if ctx.needs_input_grad[1]:
+            cell, t, inside, weights, warped_scale = ctx.saved_tensors
+            flat = grad_histogram.contiguous().flatten()
+            grad_warped = torch.zeros_like(t)
+            for j, d in enumerate(_cubic_bspline_derivatives(t)):
+                grad_warped.addcmul_(flat[j:].index_select(0, cell).view_as(t), d)
+            grad_warped.mul_(warped_scale).mul_(inside)
+            if weights is not None:
+                grad_warped.mul_(weights)
+        return grad_fixed, grad_warped, None, None, None, None, None, None
+
+
+def _value_range(
+    image: torch.Tensor, value_range: tuple[float, float] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-batch-element ``(low, span)``, each ``(B, 1)``, detached."""
+    batch = image.shape[0]
+    if value_range is None:
+        flat = image.detach().reshape(batch, -1)
+        low, high = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+        return low, (high - low).clamp_min(1e-12)
+    low = torch.full((batch, 1), value_range[0], dtype=image.dtype, device=image.device)
+    return low, torch.full_like(low, value_range[1] - value_range[0])
+
+
+def _sample_voxels(
+    fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None, samples: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``samples`` random voxel positions per batch element (with replacement, from
+    ``torch.randint``), restricted to ``mask > 0``; returns ``fixed, warped (B, C, samples)`` and
+    the mask values there ``(B, 1, samples)`` (0 pads an element whose mask has fewer voxels).
+    """
+    batch, channels = fixed.shape[:2]
+    fixed, warped = fixed.flatten(2), warped.flatten(2)
+    voxels = fixed.shape[2]
+    if mask is None:
+        index = torch.randint(voxels, (batch, samples), device=fixed.device)
+        values = None
+    else:
+        flat_mask = mask.flatten(2).expand(batch, 1, voxels)
+        index = torch.zeros(batch, samples, dtype=torch.long, device=fixed.device)
+        values = torch.zeros(batch, 1, samples, dtype=flat_mask.dtype, device=fixed.device)
+        for b in range(batch):
+            support = torch.nonzero(flat_mask[b, 0] > 0).flatten()
+            if support.numel() <= samples:
+                chosen = support
+            else:
+                chosen = support[torch.randint(support.numel(), (samples,), device=fixed.device)]
+            index[b, : chosen.numel()] = chosen
+            values[b, 0, : chosen.numel()] = flat_mask[b, 0, chosen]
+    gather_index = index.unsqueeze(1).expand(batch, channels, samples)
+    return fixed.gather(2, gather_index), warped.gather(2, gather_index), values
+
+
 def joint_histogram(
     fixed: torch.Tensor,
     warped: torch.Tensor,
-    mask: torch.Tensor | None,
-    num_bins: int,
-    sigma_ratio: float,
-    value_range: tuple[float, float] | None,
+    mask: torch.Tensor | None = None,
+    num_bins: int = 32,
+    value_range: tuple[float, float] | None = (0.0, 1.0),
+    samples: int | None = None,
 ) -> torch.Tensor:
-    """Differentiable joint intensity histogram ``(B, num_bins, num_bins)``, rows = fixed.
+    """Joint intensity histogram ``(B, num_bins, num_bins)`` (Mattes), rows = fixed, sums to 1.
 
-    Bin centres evenly span ``value_range`` (``None``: each image's own min..max, detached).
-    Each voxel spreads unit mass over the bins with Gaussian weights of width ``sigma_ratio``
-    bin spacings, normalised per voxel (a softmax, so intensities outside ``value_range`` land
-    in the edge bins and never give NaN; beyond one bin spacing outside they are clamped).
-    Voxels are weighted by ``mask``; each histogram sums to 1.
+    Args:
+        fixed, warped: ``(B, C, *S)``; all channels of a batch element share one histogram.
+        mask: ``(B|1, 1, *S)`` voxel weights or ``None``.
+        num_bins: bins per image, ``>= 4``.
+        value_range: ``(low, high)`` binned by both images; ``None``: each image's own min..max
+            (detached, per batch element).
+        samples: ``None`` uses every voxel; an integer draws that many voxel positions per
+            batch element at random (``torch.randint``, with replacement, only where
+            ``mask > 0``), so the result is stochastic; reproducible under ``torch.manual_seed``.
+            A mask with fewer voxels than ``samples`` contributes each of its voxels once.
+
+    Kernels (Mattes et al. 2003, as in ITK/ANTs/elastix): each ``fixed`` voxel adds its weight to
+    one of ``num_bins`` equal-width bins over ``value_range`` (zero-order kernel); each ``warped``
+    voxel spreads its weight over the 4 bins nearest its position with cubic B-spline weights,
+    with bin centres ``1 .. num_bins - 2`` spanning ``value_range`` (bins ``0`` and
+    ``num_bins - 1`` hold only the kernel's tails). Intensities outside ``value_range`` count as
+    the nearest end of it (no gradient there). The histogram is differentiable in ``warped``
+    (the B-spline is C2); its gradient with respect to ``fixed`` is zero. Work is O(voxels) with
+    4 cells per voxel, memory O(voxels); no ``(voxels, num_bins)`` tensor is built.
     """
+    if num_bins < 4:
+        raise ValueError(f"num_bins must be >= 4, got {num_bins}")
+    if samples is not None and samples < 1:
+        raise ValueError(f"samples must be None or >= 1, got {samples}")
+    if fixed.shape != warped.shape:
+        raise ValueError(
+            f"fixed {tuple(fixed.shape)} and warped {tuple(warped.shape)} must have the same shape"
+        )
     batch = fixed.shape[0]
-    centres = torch.arange(num_bins, dtype=fixed.dtype, device=fixed.device)
-
-    def parzen(image: torch.Tensor) -> torch.Tensor:
-        x = image.reshape(batch, -1, 1)
-        if value_range is None:
-            low = x.detach().amin(1, keepdim=True)
-            span = (x.detach().amax(1, keepdim=True) - low).clamp_min(1e-12)
-        else:
-            low, span = value_range[0], value_range[1] - value_range[0]
-        # Intensity in units of bin spacings, so bin centres are at 0 .. num_bins - 1.
-        position = ((x - low) * ((num_bins - 1) / span)).clamp(-1.0, float(num_bins))
-        return torch.softmax(-((position - centres) ** 2) / (2.0 * sigma_ratio**2), dim=-1)
-
-    weights_fixed = parzen(fixed)
-    weights_warped = parzen(warped)
-    if mask is None:
-        voxel_weights = torch.full_like(weights_fixed[..., :1], 1.0 / weights_fixed.shape[1])
+    fixed_low, fixed_span = _value_range(fixed, value_range)
+    warped_low, warped_span = _value_range(warped, value_range)
+    if samples is not None and samples < fixed[0, 0].numel():
+        fixed, warped, mask = _sample_voxels(fixed, warped, mask, samples)
+    weights = None
+    if mask is not None:
+        weights = mask.expand(batch, fixed.shape[1], *fixed.shape[2:]).reshape(batch, -1)
+        weights = weights.to(warped.dtype)
+    fixed, warped = fixed.reshape(batch, -1), warped.reshape(batch, -1)
+    fixed_scale = num_bins / fixed_span
+    warped_scale = (num_bins - 3) / warped_span
+    histogram = _MattesHistogram.apply(
+        fixed,
+        warped,
+        weights,
+        fixed_low,
+        fixed_scale,
+        warped_scale,
+        1.0 - warped_low * warped_scale,
+        num_bins,
+    )
+    if weights is None:
+        histogram = histogram / fixed.shape[1]
     else:
-        voxel_weights = mask.expand(batch, fixed.shape[1], *fixed.shape[2:]).reshape(batch, -1, 1)
-        voxel_weights = voxel_weights / voxel_weights.sum(1, keepdim=True).clamp_min(1e-12)
-    return torch.bmm((weights_fixed * voxel_weights).transpose(1, 2), weights_warped)
+        histogram = histogram / weights.sum(1, keepdim=True).clamp_min(1e-12)
+    return histogram.view(batch, num_bins, num_bins)
 
 
 def _entropies(joint: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
@@ -138,14 +284,25 @@ def _entropies(joint: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
 
 
 class MutualInformation(LossTerm):
-    """Negative mutual information ``H(F) + H(W) - H(F, W)`` (nats) from a Parzen joint histogram.
+    """Negative mutual information ``-(H(F) + H(W) - H(F, W))`` (nats), Mattes-style.
 
-    Intensities are assumed to lie roughly in ``value_range`` (default ``[0, 1]``); values outside
-    fall into the edge bins. ``value_range=None`` bins each image between its own minimum and
-    maximum (for unnormalised data such as CT in HU). Own implementation rather than MONAI's
-    ``GlobalMutualInformationLoss`` because that clamps intensities (zero gradient outside
-    ``[0, 1]``), has no mask and no NMI; with the same bins and ``sigma_ratio`` and intensities in
-    ``[0, 1]`` both give the same value (tested).
+    Entropies come from :func:`joint_histogram` (zero-order kernel for ``fixed``, cubic B-spline
+    Parzen window for ``warped``; see there for bins and ranges), so the loss is differentiable
+    in ``warped`` only. Intensities are assumed to lie roughly in ``value_range`` (default
+    ``[0, 1]``); values outside count as its nearest end, with no gradient. ``value_range=None``
+    bins each image between its own minimum and maximum (for unnormalised data such as CT in HU).
+
+    ``num_bins`` 32 is the Mattes/ANTs/elastix default. It also held up on coarse pyramid
+    levels in a synthetic two-contrast test (13k and 108k voxels, translations of -3..3 voxels):
+    one minimum, and a deeper cost than 16 or 24 bins relative to its sampling noise. Fewer
+    bins may still pay off where the cost is noisy (a few thousand samples); not measured.
+    ``samples`` (default ``None``: every voxel) draws that many random voxels per call
+    (elastix's random sampler, ANTs' sampling percentage): cheaper, but the loss becomes
+    stochastic, a new draw on every call (reproducible under ``torch.manual_seed``).
+
+    Not MONAI's ``GlobalMutualInformationLoss``: that uses a Gaussian kernel over all bins
+    (O(voxels x bins) memory), clamps intensities to ``[0, 1]``, has no mask, sampling or NMI.
+    Both agree on which of a set of shifts aligns best (tested); values differ with the kernel.
     """
 
     requires = IMAGE_KEYS
@@ -153,37 +310,37 @@ class MutualInformation(LossTerm):
     def __init__(
         self,
         num_bins: int = 32,
-        sigma_ratio: float = 0.5,
         value_range: tuple[float, float] | None = (0.0, 1.0),
+        samples: int | None = None,
         eps: float = 1e-10,
     ) -> None:
         super().__init__()
-        if num_bins < 2:
-            raise ValueError(f"num_bins must be >= 2, got {num_bins}")
-        if sigma_ratio <= 0:
-            raise ValueError(f"sigma_ratio must be > 0, got {sigma_ratio}")
+        if num_bins < 4:
+            raise ValueError(f"num_bins must be >= 4, got {num_bins}")
         if value_range is not None:
             if len(value_range) != 2 or not value_range[1] > value_range[0]:
                 raise ValueError(
                     f"value_range must be (low, high) with high > low, got {value_range}"
                 )
             value_range = (float(value_range[0]), float(value_range[1]))
+        if samples is not None and samples < 1:
+            raise ValueError(f"samples must be None or >= 1, got {samples}")
         self.num_bins = num_bins
-        self.sigma_ratio = sigma_ratio
         self.value_range = value_range
+        self.samples = samples
         self.eps = eps
 
     def entropies(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """``H(F), H(W), H(F, W)``, each ``(B,)``."""
         fixed, warped, mask = image_pair(inputs)
-        dtype = torch.promote_types(fixed.dtype, torch.float32)
+        dtype = torch.promote_types(torch.promote_types(fixed.dtype, warped.dtype), torch.float32)
         joint = joint_histogram(
             fixed.to(dtype),
             warped.to(dtype),
             mask,
-            self.num_bins,
-            self.sigma_ratio,
-            self.value_range,
+            num_bins=self.num_bins,
+            value_range=self.value_range,
+            samples=self.samples,
         )
         return _entropies(joint, self.eps)
 
@@ -191,11 +348,16 @@ class MutualInformation(LossTerm):
         h_fixed, h_warped, h_joint = self.entropies(inputs)
         return -(h_fixed + h_warped - h_joint).mean()
 
+    def extra_repr(self) -> str:
+        return f"num_bins={self.num_bins}, value_range={self.value_range}, samples={self.samples}"
+
 
 class NormalizedMutualInformation(MutualInformation):
-    """Negative normalised mutual information ``(H(F) + H(W)) / H(F, W)``, loss in ``[-2, -1]``.
+    """Negative normalised mutual information ``-(H(F) + H(W)) / H(F, W)``, in ``[-2, -1]``.
 
-    Same histogram and options as :class:`MutualInformation`.
+    Same histogram and options as :class:`MutualInformation`; ``-2`` needs ``H(F, W) = H(F) =
+    H(W)``, which the warped image's B-spline spreading never reaches (an image with itself
+    scores about ``-1.5`` at 32 bins).
     """
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:

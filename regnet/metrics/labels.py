@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
-from monai.metrics import compute_hausdorff_distance
 
 from regnet.metrics.arrays import ArrayLike, as_tensor
 
@@ -89,6 +88,9 @@ def hd95(
         raise ValueError(
             f"label maps of shape {tuple(pred.shape)} do not match a {ndim}D spacing {spacing}"
         )
+    # Imported here: importing anything from MONAI takes seconds, and label maps are optional.
+    from monai.metrics import compute_hausdorff_distance
+
     pred = pred.reshape(pred.shape[pred.dim() - ndim :])
     true = true.reshape(pred.shape)
     result = {}

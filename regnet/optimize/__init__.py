@@ -2,12 +2,14 @@
 
 :func:`register` aligns two images on one grid with a rigid, affine, B-spline, dense or
 diffeomorphic (SVF) transform through a multi-resolution pyramid; :func:`refine` improves a
-network's DDF on one pair (instance optimisation). Conventions: :mod:`regnet.spatial`.
+network's DDF on one pair (instance optimisation); :mod:`regnet.optimize.safeguard` checks a
+result against its start. Conventions: :mod:`regnet.spatial`.
 """
 
 from regnet.optimize.engine import (
     DEFAULT_ITERATIONS,
     DEFAULT_LR,
+    INITS,
     REFINE_TRANSFORMS,
     TRANSFORMS,
     LevelHistory,
@@ -19,6 +21,7 @@ from regnet.optimize.engine import (
 __all__ = [
     "DEFAULT_ITERATIONS",
     "DEFAULT_LR",
+    "INITS",
     "TRANSFORMS",
     "REFINE_TRANSFORMS",
     "LevelHistory",

@@ -3,7 +3,9 @@
 Both images lie on one grid (the fixed grid, see :mod:`regnet.spatial` for the conventions);
 the result is a DDF on that grid in its voxels, backward (fixed -> moving). The procedure:
 
-1. optional centre-of-mass initialisation (a translation superimposing intensity centroids);
+1. a start (:mod:`regnet.optimize.initialize`): the identity, a translation superimposing
+   intensity centroids, or a multi-start rigid search about the foreground centroids scored by
+   the affine stage's similarity on the coarsest level;
 2. an affine stage (rigid or affine parameters about the image centre) through a pyramid,
    coarse to fine, when the transform is rigid/affine or precedes a deformable one;
 3. a deformable stage through the pyramid: cubic B-spline control points, a dense DDF or a
@@ -15,7 +17,9 @@ The total transform is ``x -> A (x + v(x))`` (``compose(affine_ddf, local_ddf)``
 exactly by applying the matrix to ``x + v(x)``), and on every evaluation the moving image of the
 level is sampled once with it. Adam optimises the parameters against
 :func:`regnet.losses.build_loss` (image terms get the fixed mask, times the warped moving mask),
-plus an optional landmark term.
+plus an optional landmark term. The affine stage may use its own similarity (``affine_loss``,
+e.g. ``mi``, which tolerates different contrast and preprocessing) while the deformable stage uses
+``loss``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ from typing import Any
 import torch
 
 from regnet.losses import build_loss
-from regnet.optimize.initialize import centre_of_mass_translation
+from regnet.optimize.initialize import (
+    centre_of_mass,
+    centre_of_mass_translation,
+    foreground_mask,
+    search_start,
+)
 from regnet.optimize.pyramid import downsample, level_shapes, level_step
 from regnet.optimize.transforms import (
     AffineParameters,
@@ -48,6 +57,7 @@ from regnet.spatial import (
 AFFINE_TRANSFORMS = ("rigid", "affine")
 DEFORMABLE_TRANSFORMS = ("bspline", "ddf", "svf")
 TRANSFORMS = AFFINE_TRANSFORMS + DEFORMABLE_TRANSFORMS
+INITS = ("identity", "com", "search")
 SIMILARITY_WINDOW_TERMS = ("lncc", "ncc")
 """Loss terms whose ``window`` option :func:`register` sets per level from ``windows``."""
 
@@ -113,6 +123,7 @@ class _Level:
     fixed_mask: torch.Tensor | None
     moving_mask: torch.Tensor | None
     loss: Any
+    affine_loss: Any
 
     def level_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
         """A full-resolution voxel matrix expressed in this level's voxels: ``D⁻¹ M D``."""
@@ -176,13 +187,15 @@ def _objective(
     spacing: torch.Tensor | None,
 ) -> torch.Tensor:
     """Total loss of one evaluation: the image loss on the warped moving image of the level plus
-    the weighted landmark term; ``local`` is the deformable displacement in level voxels."""
+    the weighted landmark term; ``local`` is the deformable displacement in level voxels (the
+    deformable stage's ``level.loss``), ``None`` during the affine stage (``level.affine_loss``)."""
     grid = identity_grid(level.shape, level.fixed.device, level.fixed.dtype)
     points = grid if local is None else grid + local
     if matrix is not None:
         points = apply_affine(level.level_matrix(matrix), points)
     total = torch.zeros((), device=level.fixed.device)
-    if level.loss is not None:
+    loss = level.affine_loss if local is None else level.loss
+    if loss is not None:
         warped = sample(level.moving, points, padding="border")
         ddf = local if local is not None else torch.zeros_like(grid)
         inputs = {"fixed": level.fixed, "moving": level.moving, "warped": warped, "ddf": ddf}
@@ -192,7 +205,7 @@ def _objective(
             mask = warped_mask if mask is None else mask * warped_mask
         if mask is not None:
             inputs["fixed_mask"] = mask
-        total = total + level.loss(inputs)[0]
+        total = total + loss(inputs)[0]
     if landmarks is not None:
         error = _landmark_error(level, matrix, local, *landmarks, spacing)
         total = total + landmark_weight * error
@@ -259,6 +272,8 @@ def register(
     init: str = "com",
     affine_first: bool = True,
     affine_model: str = "affine",
+    affine_loss: str | None = None,
+    search_iterations: int = 20,
     affine_iterations: Sequence[int] | None = None,
     affine_lr: float | None = None,
     spacing: Sequence[float] | None = None,
@@ -289,10 +304,17 @@ def register(
         fixed_landmarks, moving_landmarks: optional ``(N, ndim)`` corresponding points in voxel
             coordinates of the grid; adds ``landmark_weight`` times the mean squared distance
             between ``x_f + u(x_f)`` and ``x_m`` (voxels², or mm² when ``spacing`` is given).
-        init: ``"com"`` (translation aligning intensity centres of mass) or ``"identity"``.
+        init: ``"identity"``, ``"com"`` (translation aligning intensity centres of mass) or
+            ``"search"`` (:func:`regnet.optimize.initialize.search_start` on the coarsest level:
+            rotations about the foreground centroids of ``fixed_mask``/``moving_mask``, or of
+            :func:`~regnet.optimize.initialize.foreground_mask` without them, each scored by
+            the affine stage's loss, the best three polished with ``search_iterations`` rigid
+            steps).
         affine_first: for deformable transforms, run an ``affine_model`` (``"rigid"`` or
             ``"affine"``) stage first with ``affine_iterations`` / ``affine_lr`` (defaults: those
             of ``affine_model``, finest level skipped). Ignored when ``initial_ddf`` is given.
+        affine_loss: loss spec of the start search and the affine stage (default: ``loss``);
+            regularisers see a zero field there.
         spacing: voxel size in mm per axis: rotations are rigid in mm, landmark distances in mm.
         initial_ddf: ``(1, ndim, *S)`` starting field (voxels; e.g. a network's prediction): a
             ``ddf`` transform refines it additively, ``bspline``/``svf`` compose their field
@@ -313,8 +335,8 @@ def register(
     start = time.perf_counter()
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {list(TRANSFORMS)}, got {transform!r}")
-    if init not in ("com", "identity"):
-        raise ValueError(f"init must be 'com' or 'identity', got {init!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
     if affine_model not in AFFINE_TRANSFORMS:
         raise ValueError(f"affine_model must be 'rigid' or 'affine', got {affine_model!r}")
     device = torch.device(device) if device is not None else fixed.device
@@ -390,6 +412,7 @@ def register(
                 downsample(masks["moving_mask"], level_shape) if "moving_mask" in masks else None
             ),
             loss=_level_loss(loss, weights, loss_options, windows[index]),
+            affine_loss=_level_loss(affine_loss or loss, weights, loss_options, windows[index]),
         )
         for index, level_shape in enumerate(shapes)
     ]
@@ -401,14 +424,22 @@ def register(
     # Affine stage.
     affine = None
     run_affine = transform in AFFINE_TRANSFORMS or (affine_first and initial_ddf is None)
-    if run_affine or init == "com":
+    if initial_ddf is None and (run_affine or init != "identity"):
+        kind = transform if transform in AFFINE_TRANSFORMS else affine_model
         translation = torch.zeros(ndim, device=device)
-        if init == "com" and initial_ddf is None:
+        if init == "com":
             translation = centre_of_mass_translation(
                 fixed, moving, masks.get("fixed_mask"), masks.get("moving_mask")
             ).float()
-        kind = transform if transform in AFFINE_TRANSFORMS else affine_model
         affine = AffineParameters(shape, kind, translation, spacing).to(device)
+        if init == "search":
+            rigid, record = _search(
+                pyramid[0], fixed, moving, masks, spacing, objective, search_iterations
+            )
+            with torch.no_grad():
+                affine.translation.copy_(rigid.translation)
+                affine.rotation.copy_(rigid.rotation)
+            history.append(record)
     if run_affine:
         kind = affine.kind
         affine_steps = (
@@ -497,6 +528,45 @@ def register(
         history=history,
         seconds=time.perf_counter() - start,
     )
+
+
+def _search(
+    level: _Level,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    masks: Mapping[str, torch.Tensor],
+    spacing: Sequence[float] | None,
+    objective,
+    iterations: int,
+) -> tuple[AffineParameters, LevelHistory]:
+    """:func:`regnet.optimize.initialize.search_start` on ``level`` (the coarsest): candidates
+    scored and polished (rigid, Adam) with the affine stage's loss. Returns the winning rigid
+    parameters and a record of the polishing steps of all kept candidates."""
+    shape = tuple(fixed.shape[2:])
+    centroids = [
+        centre_of_mass(masks[name] if name in masks else foreground_mask(image)).float()
+        for name, image in (("fixed_mask", fixed), ("moving_mask", moving))
+    ]
+    record = LevelHistory("search", level.index, level.shape)
+
+    def polish(rigid: AffineParameters) -> float:
+        steps = LevelHistory("search", level.index, level.shape)
+        _optimise(
+            list(rigid.parameters()),
+            lambda: objective(level, rigid.matrix(), None),
+            iterations,
+            DEFAULT_LR["rigid"] * _mean(level.step),
+            steps,
+        )
+        record.losses.extend(steps.losses)
+        record.seconds += steps.seconds
+        with torch.no_grad():
+            return float(objective(level, rigid.matrix(), None))
+
+    rigid = search_start(
+        shape, spacing, *centroids, lambda matrix: objective(level, matrix, None), polish
+    )
+    return rigid, record
 
 
 def _mean(values: Sequence[float]) -> float:

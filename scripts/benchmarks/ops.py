@@ -15,9 +15,14 @@ Compared (``run_ops_benchmark``):
   96^3: 8 of 2.65M values differ by more than 1e-3, all within 8e-6 voxels of a grid line); the
   table counts them.
 
-Timing: one warm-up call of each, then ``repeats`` rounds that alternate regnet and MONAI, so
-both see the same machine load; the tables report medians in seconds. Run
-``python scripts/benchmarks/ops.py --shape 160,192,224`` (or ``scripts/benchmark.py ops``).
+Similarity costs (``run_similarity_benchmark``), regnet only: forward + backward (gradient with
+respect to the warped image) of the loss terms ``lncc`` (windows 9 and 7), ``mi`` and ``nmi``
+(32 bins, every voxel, and ``samples=50000`` random voxels per call), each as a multiple of
+``lncc`` window 9 timed in the same rounds. Sampled terms are seeded once, before the warm-up.
+
+Timing: one warm-up call of each, then ``repeats`` rounds that alternate regnet and MONAI (or
+all similarity terms), so they see the same machine load; the tables report medians in seconds.
+Run ``python scripts/benchmarks/ops.py --shape 160,192,224`` (or ``scripts/benchmark.py ops``).
 """
 
 from __future__ import annotations
@@ -33,10 +38,17 @@ import torch.nn.functional as F
 from monai.losses import LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import Warp
 
-from regnet.losses import local_ncc
+from regnet.losses import (
+    LNCC,
+    LossTerm,
+    MutualInformation,
+    NormalizedMutualInformation,
+    local_ncc,
+)
 from regnet.spatial import warp
 
 LNCC_WINDOW = 9
+MI_SAMPLES = 50_000
 MAX_DISPLACEMENT = 4.0  # voxels
 KINK_TOLERANCE = 1e-3
 SEED = 0
@@ -191,8 +203,63 @@ def run_ops_benchmark(
     return _lncc_rows(inputs, repeats, device) + _warp_rows(inputs, repeats, device)
 
 
+def similarity_terms(samples: int = MI_SAMPLES) -> dict[str, LossTerm]:
+    """The loss terms timed by :func:`run_similarity_benchmark`, by row name."""
+    return {
+        f"lncc (window {LNCC_WINDOW})": LNCC(window=LNCC_WINDOW),
+        "lncc (window 7)": LNCC(window=7),
+        "mi (32 bins, all voxels)": MutualInformation(),
+        "nmi (32 bins, all voxels)": NormalizedMutualInformation(),
+        f"mi (32 bins, samples={samples})": MutualInformation(samples=samples),
+        f"nmi (32 bins, samples={samples})": NormalizedMutualInformation(samples=samples),
+    }
+
+
+def run_similarity_benchmark(
+    shape: Sequence[int] = (160, 192, 224),
+    repeats: int = 5,
+    device: str = "cpu",
+    samples: int = MI_SAMPLES,
+) -> list[dict]:
+    """Forward + backward seconds of the similarity terms on the same ``fixed``/``moving``.
+
+    Returns one row per term: ``operation``, median ``seconds``, ``x lncc 9`` (its median over
+    that of ``lncc`` window 9, timed in the same rounds) and the ``loss`` value.
+    """
+    inputs = make_inputs(tuple(int(n) for n in shape), device)
+    terms = similarity_terms(samples)
+    torch.manual_seed(SEED)
+
+    def call(term: LossTerm) -> Callable[[], float]:
+        def run() -> float:
+            warped = inputs["moving"].clone().requires_grad_()
+            value = term({"fixed": inputs["fixed"], "warped": warped})
+            value.backward()
+            return value.item()
+
+        return run
+
+    runs = {name: call(term) for name, term in terms.items()}
+    values = {name: run() for name, run in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(_timed(run, device))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    reference = medians[f"lncc (window {LNCC_WINDOW})"]
+    return [
+        {
+            "operation": f"{name} forward+backward",
+            "seconds": medians[name],
+            f"x lncc {LNCC_WINDOW}": medians[name] / reference,
+            "loss": values[name],
+        }
+        for name in runs
+    ]
+
+
 def format_table(rows: Sequence[dict]) -> str:
-    """Rows of :func:`run_ops_benchmark` as a Markdown table."""
+    """Rows of :func:`run_ops_benchmark` or :func:`run_similarity_benchmark` as Markdown."""
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
     for row in rows:
@@ -206,19 +273,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--shape", default="160,192,224", help="spatial size, e.g. 160,192,224")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after warm-up")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--table",
+        choices=("both", "monai", "similarity"),
+        default="both",
+        help="comparison against MONAI, similarity costs, or both",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     try:
         shape = tuple(int(n) for n in args.shape.replace("x", ",").split(","))
     except ValueError:
         parser.error(f"--shape: expected sizes like 160,192,224, got {args.shape!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
-    rows = run_ops_benchmark(shape, args.repeats, args.device)
     print(
         f"Shape {'x'.join(map(str, shape))}, device {args.device}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats}\n"
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
     )
-    print(format_table(rows))
+    if args.table in ("both", "monai"):
+        print("\n" + format_table(run_ops_benchmark(shape, args.repeats, args.device)))
+    if args.table in ("both", "similarity"):
+        print("\n" + format_table(run_similarity_benchmark(shape, args.repeats, args.device)))
 
 
 if __name__ == "__main__":

