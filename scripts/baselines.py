@@ -41,6 +41,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from regnet.cli.common import compose_config
 from regnet.data.layouts import Learn2RegDataset
 from regnet.metrics import dice_per_label, hd95, jacobian_stats
 from regnet.optimize import refine
@@ -122,9 +123,9 @@ def register_regnet(
     working_spacing: float | None,
     iterations: tuple[int, ...] | None = None,
 ):
-    """regnet's classical optimisation (``register.py`` defaults, or ``iterations`` per level)
-    on the same pair; returns ``(warped_moving_label, ddf_voxels, seconds)`` like
-    :func:`register`.
+    """regnet's classical optimisation (the engine settings of ``configs/register.yaml``, or
+    ``iterations`` per level) on the same pair; returns ``(warped_moving_label, ddf_voxels,
+    seconds)`` like :func:`register`.
 
     As ``register.py`` does, it runs on a grid of ``working_spacing`` mm covering the pair's
     extent (``None``: the pair's own grid) and the field is upsampled to the pair's grid."""
@@ -133,10 +134,17 @@ def register_regnet(
     shape = tuple(fixed.shape[2:])
     grid = shape if working_spacing is None else working_shape(shape, spacing, working_spacing)
     grid_spacing = [s * (n - 1) / (m - 1) for s, n, m in zip(spacing, shape, grid, strict=True)]
+    defaults = compose_config("register", [])
     result = regnet_register(
         downsample(fixed, grid),
         downsample(moving, grid),
         transform=transform,
+        loss=str(defaults.loss),
+        init=str(defaults.init),
+        affine_loss=str(defaults.affine_loss),
+        overlap_margin=float(defaults.overlap_margin),
+        search_iterations=int(defaults.search_iterations),
+        integration_steps=int(defaults.integration_steps),
         spacing=grid_spacing,
         iterations=iterations,
     )

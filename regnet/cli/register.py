@@ -50,6 +50,7 @@ from regnet.pipeline import (
     complete_registration,
     load_volume,
 )
+from regnet.spatial import affine_to_ddf
 from regnet.spatial.world import ddf_to_world, warp_world, world_points_to_voxel
 
 
@@ -131,9 +132,6 @@ def register_pair(
     if masks is not None:
         options["fixed_mask"] = on_grid(masks[0], affine, shape, "nearest")
         options["moving_mask"] = on_grid(masks[1], affine, shape, "nearest")
-    elif cfg.auto_masks:
-        options["fixed_mask"] = foreground_mask(fixed)
-        options["moving_mask"] = foreground_mask(moving)
     if inputs.fixed_landmarks is not None:
         options["fixed_landmarks"] = torch.from_numpy(
             world_points_to_voxel(inputs.fixed_landmarks, affine)
@@ -156,6 +154,9 @@ def register_pair(
             landmark_weight=float(cfg.landmark_weight),
             init=str(cfg.init),
             affine_loss=str(cfg.affine_loss) if cfg.affine_loss else None,
+            overlap_margin=None if cfg.overlap_margin is None else float(cfg.overlap_margin),
+            search_iterations=int(cfg.search_iterations),
+            integration_steps=int(cfg.integration_steps),
             affine_first=bool(cfg.affine_first),
             affine_model=str(cfg.affine_model),
             affine_iterations=_tuple(cfg.affine_iterations, "affine_iterations"),
@@ -172,21 +173,25 @@ def register_pair(
     ddf, matrix = result.ddf, result.matrix
     check = None
     if cfg.start_check:
-        region = options.get("fixed_mask", foreground_mask(fixed)).to(device)
-        user_masks = (
-            {}
-            if masks is None
-            else {
-                "fixed_mask": options["fixed_mask"].to(device),
-                "moving_mask": options["moving_mask"].to(device),
-            }
-        )
+        candidates = {"header": None}
+        if result.matrix is not None and result.local_ddf is not None:
+            candidates["affine"] = affine_to_ddf(result.matrix, shape)
+        candidates["result"] = result.ddf
+        user_masks = {}
+        if masks is not None:
+            user_masks = {key: options[key].to(device) for key in ("fixed_mask", "moving_mask")}
         check = check_against_start(
-            fixed.to(device), moving.to(device), ddf, region=region, **user_masks
+            fixed.to(device),
+            moving.to(device),
+            candidates,
+            region=foreground_mask(fixed).to(device),
+            **user_masks,
         )
         if not check.result_kept:
             print(f"warning: {inputs.moving.path}: {check.message()}", file=sys.stderr)
-            ddf, matrix = torch.zeros_like(ddf), None
+            ddf = candidates[check.kept]
+            if ddf is None:
+                ddf, matrix = torch.zeros_like(result.ddf), None
     disp = ddf_to_world(ddf, affine)
     seconds = watch.seconds()
     info: dict[str, Any] = {

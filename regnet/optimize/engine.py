@@ -58,7 +58,7 @@ AFFINE_TRANSFORMS = ("rigid", "affine")
 DEFORMABLE_TRANSFORMS = ("bspline", "ddf", "svf")
 TRANSFORMS = AFFINE_TRANSFORMS + DEFORMABLE_TRANSFORMS
 INITS = ("identity", "com", "search")
-SIMILARITY_WINDOW_TERMS = ("lncc", "ncc")
+SIMILARITY_WINDOW_TERMS = ("lncc",)
 """Loss terms whose ``window`` option :func:`register` sets per level from ``windows``."""
 
 DEFAULT_ITERATIONS = {
@@ -236,6 +236,14 @@ def _optimise(
     history.seconds = time.perf_counter() - start
 
 
+def _terms_of(spec: str, values: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The entries of a per-term mapping (weights, options) for the terms of ``spec``."""
+    if values is None:
+        return None
+    names = set(spec.replace(" ", "").split("+"))
+    return {name: value for name, value in values.items() if name in names}
+
+
 def _level_loss(
     loss: str | None,
     weights: Mapping[str, float] | None,
@@ -274,6 +282,7 @@ def register(
     affine_model: str = "affine",
     affine_loss: str | None = None,
     search_iterations: int = 20,
+    overlap_margin: float | None = None,
     affine_iterations: Sequence[int] | None = None,
     affine_lr: float | None = None,
     spacing: Sequence[float] | None = None,
@@ -314,7 +323,19 @@ def register(
             ``"affine"``) stage first with ``affine_iterations`` / ``affine_lr`` (defaults: those
             of ``affine_model``, finest level skipped). Ignored when ``initial_ddf`` is given.
         affine_loss: loss spec of the start search and the affine stage (default: ``loss``);
-            regularisers see a zero field there.
+            regularisers see a zero field there. ``weights`` and ``loss_options`` entries of
+            its terms apply to it too.
+        overlap_margin: after the start, restrict every image term to the *overlap region*:
+            the fixed foreground (``fixed_mask``, else
+            :func:`~regnet.optimize.initialize.foreground_mask`) within ``overlap_margin`` (mm
+            with ``spacing``, else voxels) of the moving foreground as the start places it. It
+            replaces both masks for the later stages, so a skull-stripped image is compared
+            with the brain of an unstripped one, not with its scalp: without it, the outline of
+            a stripped brain is pulled onto the outline of the other head. The affine stage
+            uses the region alone (a mask following the warped moving image would let it
+            shrink the overlap), the deformable stage the region times the warped moving
+            foreground (so that a brain is not stretched into a dark background it lacks).
+            ``None``: masks as given.
         spacing: voxel size in mm per axis: rotations are rigid in mm, landmark distances in mm.
         initial_ddf: ``(1, ndim, *S)`` starting field (voxels; e.g. a network's prediction): a
             ``ddf`` transform refines it additively, ``bspline``/``svf`` compose their field
@@ -412,7 +433,12 @@ def register(
                 downsample(masks["moving_mask"], level_shape) if "moving_mask" in masks else None
             ),
             loss=_level_loss(loss, weights, loss_options, windows[index]),
-            affine_loss=_level_loss(affine_loss or loss, weights, loss_options, windows[index]),
+            affine_loss=_level_loss(
+                affine_loss or loss,
+                weights if not affine_loss else _terms_of(affine_loss, weights),
+                loss_options if not affine_loss else _terms_of(affine_loss, loss_options),
+                windows[index],
+            ),
         )
         for index, level_shape in enumerate(shapes)
     ]
@@ -440,6 +466,13 @@ def register(
                 affine.translation.copy_(rigid.translation)
                 affine.rotation.copy_(rigid.rotation)
             history.append(record)
+    region = None
+    if overlap_margin is not None and affine is not None:
+        region, moving_fg = _overlap_region(
+            fixed, moving, masks, affine.matrix().detach(), overlap_margin, spacing
+        )
+        for level in pyramid:  # the affine stage sees the fixed region only (a static one)
+            level.fixed_mask, level.moving_mask = downsample(region, level.shape), None
     if run_affine:
         kind = affine.kind
         affine_steps = (
@@ -469,6 +502,9 @@ def register(
 
     # Deformable stage.
     local_full = None
+    if deformable and region is not None:  # ... the deformable one also the warped moving one
+        for level in pyramid:
+            level.moving_mask = downsample(moving_fg, level.shape)
     if deformable:
         rate = DEFAULT_LR[transform] if lr is None else lr
         carried = None  # the optimised update, passed from level to level
@@ -567,6 +603,28 @@ def _search(
         shape, spacing, *centroids, lambda matrix: objective(level, matrix, None), polish
     )
     return rigid, record
+
+
+def _overlap_region(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    masks: Mapping[str, torch.Tensor],
+    matrix: torch.Tensor,
+    margin: float,
+    spacing: Sequence[float] | None,
+) -> torch.Tensor:
+    """``(1, 1, *S)`` fixed foreground within ``margin`` of the moving foreground warped by the
+    voxel ``matrix`` (the ``overlap_margin`` of :func:`register`), and that moving foreground
+    (on the moving image's grid)."""
+    fixed_fg = masks["fixed_mask"] if "fixed_mask" in masks else foreground_mask(fixed)
+    moving_fg = masks["moving_mask"] if "moving_mask" in masks else foreground_mask(moving, 0)
+    grid = identity_grid(tuple(fixed.shape[2:]), fixed.device, torch.float32)
+    placed = (sample(moving_fg, apply_affine(matrix, grid), padding="zeros") > 0.5).float()
+    radius = [max(0, round(margin / step)) for step in (spacing or [1.0] * placed.dim())]
+    kernel = [2 * r + 1 for r in radius[: placed.dim() - 2]]
+    pool = torch.nn.functional.max_pool2d if placed.dim() == 4 else torch.nn.functional.max_pool3d
+    near = pool(placed, kernel, stride=1, padding=radius[: placed.dim() - 2])
+    return (fixed_fg > 0.5).float() * near, moving_fg
 
 
 def _mean(values: Sequence[float]) -> float:
