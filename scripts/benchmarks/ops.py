@@ -40,6 +40,7 @@ from monai.networks.blocks import Warp
 
 from regnet.losses import (
     LNCC,
+    MIND,
     LossTerm,
     MutualInformation,
     NormalizedMutualInformation,
@@ -212,6 +213,7 @@ def similarity_terms(samples: int = MI_SAMPLES) -> dict[str, LossTerm]:
         "nmi (32 bins, all voxels)": NormalizedMutualInformation(),
         f"mi (32 bins, samples={samples})": MutualInformation(samples=samples),
         f"nmi (32 bins, samples={samples})": NormalizedMutualInformation(samples=samples),
+        "mind (radius 1, dilation 2; fixed descriptors cached)": MIND(),
     }
 
 
