@@ -128,7 +128,8 @@ def test_smooth_deformation_is_largely_recovered(transform):
     assert result.local_ddf is not None
 
 
-def test_svf_3d_recovers_deformation_without_folding():
+@pytest.mark.parametrize("exact_svf_gradient", [True, False])
+def test_svf_3d_recovers_deformation_without_folding(exact_svf_gradient):
     shape = (16, 16, 16)
     moving = textured(shape)
     truth = smooth_field(shape, amplitude=3.0, sigma=3.0)
@@ -142,6 +143,7 @@ def test_svf_3d_recovers_deformation_without_folding():
         weights={"grad": 0.1},
         init="identity",
         affine_first=False,
+        exact_svf_gradient=exact_svf_gradient,
     )
     before = float(truth.norm(dim=1).mean())
     assert float((result.ddf - truth).norm(dim=1).mean()) < 0.4 * before
@@ -290,3 +292,20 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
 def test_mismatched_images_are_rejected():
     with pytest.raises(ValueError, match="differs from the fixed"):
         register(textured((16, 16)), textured((16, 18)))
+
+
+def test_first_order_svf_gradient_passes_the_displacement_gradient_to_the_velocity():
+    from regnet.optimize.transforms import DenseField
+    from regnet.spatial import integrate
+
+    shape = (8, 9, 10)
+    base = smooth_field(shape, amplitude=1.5, sigma=2.0)
+    exact = DenseField(base, 0.0, True, shape, 5, exact_gradient=True)
+    first_order = DenseField(base, 0.0, True, shape, 5, exact_gradient=False)
+    assert torch.allclose(exact(), first_order(), atol=1e-6)
+    assert torch.allclose(first_order(), integrate(base, 5), atol=1e-6)
+    weight = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(0))
+    (first_order() * weight).sum().backward()
+    assert torch.allclose(first_order.free.grad, weight)
+    (exact() * weight).sum().backward()
+    assert not torch.allclose(exact.free.grad, weight, atol=1e-3)  # the exact one differs

@@ -9,8 +9,11 @@ Examples::
 
 Both images (and masks) are resampled in world space onto one working grid: the fixed image's
 field of view, axes permuted/flipped to the nearest RAS orientation, at ``spacing`` mm
-(:func:`working_grid`); intensities are clipped to ``percentiles`` and scaled to [0, 1].
-:func:`regnet.optimize.register` estimates the transform there, and
+(:func:`working_grid`; images anti-aliased first where they are finer, :func:`on_grid`);
+intensities are clipped to ``percentiles`` and scaled to [0, 1].
+:func:`regnet.optimize.register` estimates the transform there (start search, affine stage on
+``affine_loss``, deformable stage on ``loss``; see ``configs/register.yaml``), the result is
+checked against the header alignment (:mod:`regnet.optimize.safeguard`), and
 :func:`regnet.pipeline.complete_registration` maps it onto the fixed image's own grid and warps the
 original moving image and labels once. Outputs are those of :mod:`regnet.outputs`. Bad input ends
 with one line ``error: <file or argument>: <problem>`` and exit status 2.
@@ -18,6 +21,7 @@ with one line ``error: <file or argument>: <problem>`` and exit status 2.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +55,7 @@ from regnet.pipeline import (
     load_volume,
 )
 from regnet.spatial import affine_to_ddf
+from regnet.spatial.smooth import gaussian_smooth
 from regnet.spatial.world import ddf_to_world, warp_world, world_points_to_voxel
 
 
@@ -74,11 +79,28 @@ def working_grid(fixed: Volume, spacing: float | None) -> tuple[np.ndarray, tupl
     return affine, tuple(int(n) for n in new_shape)
 
 
-def on_grid(volume: Volume, affine: np.ndarray, shape: Sequence[int], mode: str = "linear"):
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def on_grid(
+    volume: Volume,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    mode: str = "linear",
+    anti_alias: bool = False,
+):
     """``volume`` resampled in world space onto a grid, ``(1, 1, *shape)`` float32, zeros
-    outside its field of view."""
+    outside its field of view. With ``anti_alias``, axes finer than the grid's spacing ``g`` are
+    first smoothed by a Gaussian of FWHM ``sqrt(g^2 - s^2)`` mm (``s`` the axis spacing), so
+    that noise and fine texture do not alias onto the coarser grid."""
     zero = torch.zeros(1, 3, *shape, dtype=torch.float64)
     data = volume.data.to(torch.float64)
+    if anti_alias:
+        target = float(np.linalg.norm(affine[:3, :3], axis=0).max())
+        sigmas = [
+            math.sqrt(max(target**2 - s**2, 0.0)) / FWHM_PER_SIGMA / s for s in volume.spacing
+        ]
+        data = gaussian_smooth(data, sigmas)
     return warp_world(data, volume.affine, zero, affine, mode=mode).float()
 
 
@@ -126,8 +148,12 @@ def register_pair(
     watch = Stopwatch(device)
     spacing = None if cfg.spacing is None else float(cfg.spacing)
     affine, shape = working_grid(inputs.fixed, spacing)
-    fixed = scale_intensities(on_grid(inputs.fixed, affine, shape), cfg.percentiles)
-    moving = scale_intensities(on_grid(inputs.moving, affine, shape), cfg.percentiles)
+    fixed = scale_intensities(
+        on_grid(inputs.fixed, affine, shape, anti_alias=True), cfg.percentiles
+    )
+    moving = scale_intensities(
+        on_grid(inputs.moving, affine, shape, anti_alias=True), cfg.percentiles
+    )
     options: dict[str, Any] = {}
     if masks is not None:
         options["fixed_mask"] = on_grid(masks[0], affine, shape, "nearest")
@@ -157,6 +183,7 @@ def register_pair(
             overlap_margin=None if cfg.overlap_margin is None else float(cfg.overlap_margin),
             search_iterations=int(cfg.search_iterations),
             integration_steps=int(cfg.integration_steps),
+            exact_svf_gradient=bool(cfg.exact_svf_gradient),
             affine_first=bool(cfg.affine_first),
             affine_model=str(cfg.affine_model),
             affine_iterations=_tuple(cfg.affine_iterations, "affine_iterations"),

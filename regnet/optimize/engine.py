@@ -298,6 +298,7 @@ def register(
     smoothing: float = 1.0,
     control_spacing: float = 5.0,
     integration_steps: int = 7,
+    exact_svf_gradient: bool = True,
     device: str | torch.device | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` by gradient descent; both on the same grid.
@@ -356,6 +357,9 @@ def register(
             level's resolution, :func:`regnet.optimize.transforms.velocity_shape`) for ``svf``.
         control_spacing: B-spline control-point spacing in voxels of the input grid.
         integration_steps: scaling-and-squaring steps for ``svf``.
+        exact_svf_gradient: ``svf``: differentiate through scaling and squaring (``True``) or
+            hand the displacement's gradient to the velocity unchanged (first order in the
+            velocity; skips the costliest backward pass).
         device: where to compute (default: ``fixed``'s device).
 
     Returns:
@@ -536,7 +540,12 @@ def register(
                     return after(initial, bspline(level.shape, level.step))
             else:
                 dense = DenseField(
-                    carried, smoothing, transform == "svf", level.shape, integration_steps
+                    carried,
+                    smoothing,
+                    transform == "svf",
+                    level.shape,
+                    integration_steps,
+                    exact_svf_gradient,
                 )
                 params, level_rate = list(dense.parameters()), rate
 

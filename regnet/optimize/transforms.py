@@ -106,11 +106,13 @@ class DenseField(nn.Module):
         diffeomorphic: bool,
         shape: Sequence[int],
         steps: int = 7,
+        exact_gradient: bool = True,
     ) -> None:
         super().__init__()
         self.register_buffer("base", base.detach())
         self.free = nn.Parameter(torch.zeros_like(base))
         self.sigma, self.diffeomorphic, self.steps = float(sigma), diffeomorphic, steps
+        self.exact_gradient = exact_gradient
         self.shape = tuple(int(n) for n in shape)
         if not diffeomorphic and tuple(base.shape[2:]) != self.shape:
             raise ValueError(
@@ -127,7 +129,27 @@ class DenseField(nn.Module):
         field = self.field()
         if not self.diffeomorphic:
             return field
-        return resize_ddf(integrate(field, self.steps), self.shape)
+        exponential = (
+            integrate(field, self.steps)
+            if self.exact_gradient
+            else _ExpFirstOrderGradient.apply(field, self.steps)
+        )
+        return resize_ddf(exponential, self.shape)
+
+
+class _ExpFirstOrderGradient(torch.autograd.Function):
+    """``integrate(v, steps)`` whose backward pass treats ``exp(v)`` as ``v``: the gradient with
+    respect to the displacement is handed to the velocity unchanged (``D exp(v) ~ I``, exact
+    to first order in ``v``), as demons-style SVF methods update the velocity. It skips the
+    backward pass of the ``steps`` compositions, the dearest part of an SVF iteration."""
+
+    @staticmethod
+    def forward(ctx, velocity: torch.Tensor, steps: int) -> torch.Tensor:
+        return integrate(velocity, steps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 def velocity_shape(shape: Sequence[int], integration_downsize: int = 2) -> tuple[int, ...]:
