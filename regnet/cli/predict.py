@@ -35,6 +35,8 @@ from regnet.cli.common import (
     run_command,
 )
 from regnet.optimize import REFINE_TRANSFORMS, refine
+from regnet.optimize.initialize import foreground_mask
+from regnet.optimize.safeguard import check_against_start
 from regnet.outputs import check_output_dir, write_registration
 from regnet.pipeline import (
     Network,
@@ -93,17 +95,21 @@ def apply_preprocess_overrides(network: Network, cfg: DictConfig) -> Network:
 def predict_pair(
     network: Network, inputs: PairInputs, device: torch.device, cfg: DictConfig
 ) -> RegistrationResult:
-    """Register one pair with the network (and ``refine.steps`` of instance optimisation);
+    """Register one pair with the network (and ``refine.steps`` of instance optimisation, kept
+    only if it does not score worse than the network's field: :mod:`regnet.optimize.safeguard`);
     ``seconds`` covers preprocessing, the network, refinement and the conversion to mm."""
     watch = Stopwatch(device)
     item = network.preprocessing.apply(inputs)
     ddf = run_network(network, item, device, bool(cfg.bf16))
     steps = int(cfg.refine.steps)
+    check = None
     if steps > 0:
+        fixed, moving = item["fixed"][None].to(device), item["moving"][None].to(device)
+        network_ddf = ddf
         ddf = refine(
-            ddf,
-            item["fixed"][None].to(device),
-            item["moving"][None].to(device),
+            network_ddf,
+            fixed,
+            moving,
             steps=steps,
             loss=str(cfg.refine.loss),
             weights=OmegaConf.to_container(cfg.refine.weights),
@@ -113,6 +119,11 @@ def predict_pair(
             window=int(cfg.refine.window),
             smoothing=float(cfg.refine.smoothing),
         )
+        candidates = {"network": network_ddf, "refined": ddf}
+        check = check_against_start(fixed, moving, candidates, region=foreground_mask(fixed))
+        if not check.result_kept:
+            print(f"warning: {inputs.moving.path}: {check.message()}", file=sys.stderr)
+            ddf = network_ddf
     field = network_field_to_world(ddf, item["fixed_affine"], item["moving_affine"])
     seconds = watch.seconds()
     return complete_registration(
@@ -128,6 +139,7 @@ def predict_pair(
         },
         refine_steps=steps,
         device=str(device),
+        **({} if check is None else {"start_check": check.as_dict()}),
     )
 
 

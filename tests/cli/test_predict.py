@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from scipy.ndimage import map_coordinates
 
+import regnet.cli.predict as predict_cli
 from regnet.cli.config import config_dir
 from regnet.cli.predict import main
 from regnet.cli.train import train
@@ -277,3 +278,24 @@ def test_existing_output_is_refused_untouched_unless_overwrite(checkpoint, files
     status, err = run_main([*args, "overwrite=true", "overview=false"], capsys)
     assert status == 0, err
     assert json.loads((out / "metrics.json").read_text())["inputs"]["fixed"] == str(files["fixed"])
+
+
+def test_a_refinement_worse_than_the_network_is_reported_and_not_returned(
+    checkpoint, files, tmp_path, capsys, monkeypatch
+):
+    def spoiling(network_ddf, *args, **kwargs):  # a refinement that ends 3 voxels off
+        return network_ddf + torch.tensor([3.0, 0.0, 0.0]).view(1, 3, 1, 1, 1)
+
+    monkeypatch.setattr(predict_cli, "refine", spoiling)
+    out = tmp_path / "out"
+    args = [f"ckpt={checkpoint}", f"pair=[{files['fixed']},{files['moving']}]", "device=cpu"]
+    status, err = run_main([*args, "refine.steps=5", f"out={out}"], capsys)
+    assert status == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ")
+    assert "the network alignment is kept" in lines[0]
+    disp, _ = load_disp(out / "disp_mm.nii.gz")
+    np.testing.assert_allclose(disp, reference_disp_mm(checkpoint, files), atol=1e-4)
+    check = json.loads((out / "metrics.json").read_text())["info"]["start_check"]
+    assert check["kept"] == "network"
+    assert check["scores"]["refined"]["nmi"] < check["scores"]["network"]["nmi"]
