@@ -15,6 +15,7 @@ from regnet.optimize.initialize import (
     foreground_mask,
     otsu_threshold,
     rotation_candidates,
+    search_start,
 )
 
 SPACING = [2.0, 2.0, 2.0]
@@ -78,3 +79,32 @@ def test_search_recovers_30_degrees_and_15_voxels(skull: str) -> None:
     degrees, voxels = rigid_error(result.matrix, truth, centre)
     assert degrees < 3.0 and voxels < 1.0, (degrees, voxels)
     assert result.history[0].stage == "search"
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_search_candidates_rotate_about_the_fixed_centroid_onto_the_moving_one(ndim: int) -> None:
+    shape = (20, 24, 22)[:ndim]
+    fixed_centroid = torch.tensor([8.0, 11.0, 9.5][:ndim])
+    moving_centroid = torch.tensor([11.5, 9.0, 12.0][:ndim])
+    seen = []
+
+    def score(matrix: torch.Tensor) -> torch.Tensor:
+        seen.append(matrix[0].clone())
+        return matrix[0, 0, 0]  # lowest for the candidate rotated furthest about the first axis
+
+    winner = search_start(
+        shape, [1.0] * ndim, fixed_centroid, moving_centroid, score, lambda rigid: 0.0, keep=1
+    )
+    assert torch.allclose(seen[0], torch.eye(ndim + 1))  # the unmoved start comes first
+    assert len(seen) == 1 + (3 if ndim == 2 else 27)
+    for matrix in seen[1:]:
+        mapped = matrix[:ndim, :ndim] @ fixed_centroid + matrix[:ndim, ndim]
+        assert torch.allclose(mapped, moving_centroid, atol=1e-4)  # x -> c_m + R (x - c_f)
+        assert torch.allclose(
+            matrix[:ndim, :ndim] @ matrix[:ndim, :ndim].T, torch.eye(ndim), atol=1e-5
+        )
+    best = winner.matrix().detach()[0]
+    # the smallest M[0, 0] on the grid: cos 30 in 2D, cos^2 30 (two rotations involve axis 0) in 3D
+    expected = math.cos(math.radians(30)) ** (ndim - 1)
+    assert math.isclose(float(best[0, 0]), expected, abs_tol=1e-5)
+    assert float(best[0, 0]) == min(float(m[0, 0]) for m in seen)

@@ -309,3 +309,31 @@ def test_first_order_svf_gradient_passes_the_displacement_gradient_to_the_veloci
     assert torch.allclose(first_order.free.grad, weight)
     (exact() * weight).sum().backward()
     assert not torch.allclose(exact.free.grad, weight, atol=1e-3)  # the exact one differs
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_overlap_region_is_the_fixed_foreground_near_the_placed_moving_one(ndim):
+    from regnet.optimize.engine import _overlap_region
+
+    shape = (24, 26, 22)[:ndim]
+    head = torch.zeros(1, 1, *shape)
+    head[(..., *[slice(2, n - 2) for n in shape])] = 1.0  # unstripped: a large object
+    brain = torch.zeros(1, 1, *shape)
+    brain[(..., *[slice(8, 14)] * ndim)] = 1.0  # stripped: voxels 8..13 on every axis
+    shift = torch.tensor([2.0, -1.0, 1.0][:ndim])  # fixed voxel x -> moving voxel x + shift
+    matrix = torch.eye(ndim + 1)[None]
+    matrix[0, :ndim, ndim] = shift
+    masks = {"fixed_mask": head, "moving_mask": brain}
+    region, moving_fg = _overlap_region(head, brain, masks, matrix, 2.0, [1.0] * ndim)
+    assert torch.equal(moving_fg, brain)
+    # the brain sits at fixed voxels 8 - shift .. 13 - shift; 2 voxels of margin either side
+    expected = torch.zeros_like(head)
+    box = [slice(int(8 - t) - 2, int(13 - t) + 3) for t in shift]
+    expected[(..., *box)] = 1.0
+    assert torch.equal(region, expected * head)
+    # margin in mm: 4 mm at 2 mm voxels is the same 2 voxels
+    region_mm, _ = _overlap_region(head, brain, masks, matrix, 4.0, [2.0] * ndim)
+    assert torch.equal(region_mm, region)
+    # foregrounds of similar volume: no region
+    assert _overlap_region(head, head, {"fixed_mask": head, "moving_mask": head}, matrix, 2.0,
+                           None) is None  # fmt: skip

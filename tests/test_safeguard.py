@@ -106,3 +106,15 @@ def test_a_slightly_lower_score_than_an_intermediate_stage_is_tolerated() -> Non
     assert check.scores["result"]["nmi"] < check.scores["affine"]["nmi"]
     assert check.kept == "result"
     assert check_against_start(fixed, moving, candidates, stage_tolerance=0.0).kept == "affine"
+
+
+def test_the_check_works_in_2d() -> None:
+    generator = torch.Generator().manual_seed(2)
+    noise = torch.rand(1, 1, 8, 8, generator=generator)
+    moving = torch.nn.functional.interpolate(noise, size=(32, 32), mode="bilinear")
+    truth = torch.zeros(1, 2, 32, 32)
+    truth[:, 1] = 2.0
+    fixed = warp(moving, truth)
+    wrong = -truth
+    assert check_against_start(fixed, moving, {"header": None, "result": truth}).result_kept
+    assert check_against_start(fixed, moving, {"header": None, "result": wrong}).kept == "header"

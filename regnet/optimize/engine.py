@@ -633,9 +633,13 @@ def _overlap_region(
     spacing: Sequence[float] | None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The ``overlap_margin`` region of :func:`register`: ``(1, 1, *S)`` fixed foreground within
-    ``margin`` of the moving foreground warped by the voxel ``matrix``, and that moving
-    foreground (on the moving image's grid); ``None`` when the foregrounds' volumes agree within
-    :data:`OVERLAP_VOLUME_RATIO` (both images hold the same kind of content)."""
+    ``margin`` of the moving foreground placed by ``matrix``, and that moving foreground (on the
+    moving image's grid); ``None`` when the foregrounds' volumes agree within
+    :data:`OVERLAP_VOLUME_RATIO` (both images hold the same kind of content).
+
+    ``matrix`` ``(1, ndim+1, ndim+1)`` maps fixed voxels to moving voxels (backward, as every
+    transform here); ``margin`` is in mm along each axis with ``spacing`` (voxel size in mm per
+    tensor axis), in voxels without it, rounded to whole voxels (a box, not a ball)."""
 
     def foreground(name: str, image: torch.Tensor, dilation: int) -> torch.Tensor:
         return masks[name] if name in masks else foreground_mask(image, dilation)

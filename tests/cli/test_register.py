@@ -5,8 +5,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from regnet.cli.register import main, working_grid
+from regnet.cli.register import main, on_grid, working_grid
 from regnet.pipeline import load_volume
 
 SHIFT_MM = np.array([4.0, -3.0, 2.0])  # moving content = fixed content moved by this (RAS mm)
@@ -115,3 +116,23 @@ def test_unknown_transform_is_named(pair, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([f"fixed={fixed}", f"moving={moving}", "transform=spline", f"out={tmp_path / 'o'}"])
     assert capsys.readouterr().err.startswith("error: transform=spline: expected one of rigid")
+
+
+def test_resampling_onto_a_coarser_grid_is_anti_aliased(tmp_path):
+    # a 1 mm checkerboard (the Nyquist pattern) aliases onto a 2 mm grid unless smoothed first
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    index = np.indices((24, 24, 24)).sum(0)
+    path = tmp_path / "fine.nii.gz"
+    nib.save(nib.Nifti1Image((index % 2).astype(np.float32) + 1.0, affine), path)
+    volume = load_volume(path)
+    grid_affine, shape = working_grid(volume, 2.0)
+    plain = on_grid(volume, grid_affine, shape)[0, 0, 2:-2, 2:-2, 2:-2]
+    smooth = on_grid(volume, grid_affine, shape, anti_alias=True)[0, 0, 2:-2, 2:-2, 2:-2]
+    assert torch.all(plain == 1.0)  # every 2 mm sample lands on the checkers of value 1
+    assert float(smooth.std()) < 0.05 and abs(float(smooth.mean()) - 1.5) < 0.05
+    # on a grid as fine as the image, anti-aliasing changes nothing
+    same_affine, same_shape = working_grid(volume, 1.0)
+    assert torch.equal(
+        on_grid(volume, same_affine, same_shape, anti_alias=True),
+        on_grid(volume, same_affine, same_shape),
+    )
