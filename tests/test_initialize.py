@@ -41,6 +41,19 @@ def test_foreground_mask_holds_the_head_not_the_background() -> None:
     assert bool((dilated >= mask).all()) and dilated.sum() > mask.sum()
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_dilate_is_one_box_max_pool(ndim: int) -> None:
+    from regnet.optimize.initialize import dilate
+
+    generator = torch.Generator().manual_seed(ndim)
+    mask = (torch.rand(1, 1, *[9 + k for k in range(ndim)], generator=generator) > 0.9).float()
+    radius = [1, 3, 0][:ndim]
+    pool = torch.nn.functional.max_pool2d if ndim == 2 else torch.nn.functional.max_pool3d
+    expected = pool(mask, [2 * r + 1 for r in radius], stride=1, padding=radius)
+    assert torch.equal(dilate(mask, radius), expected)
+    assert dilate(mask, radius).sum() > mask.sum()
+
+
 def test_foreground_centroid_ignores_a_zero_filled_field_of_view() -> None:
     image = torch.zeros(1, 1, 30, 30)
     image[:, :, 5:15, 10:20] = 1.0

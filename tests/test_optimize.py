@@ -313,7 +313,7 @@ def test_first_order_svf_gradient_passes_the_displacement_gradient_to_the_veloci
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_overlap_region_is_the_fixed_foreground_near_the_placed_moving_one(ndim):
-    from regnet.optimize.engine import _overlap_region
+    from regnet.optimize.overlap import overlap_region
 
     shape = (24, 26, 22)[:ndim]
     head = torch.zeros(1, 1, *shape)
@@ -324,7 +324,7 @@ def test_overlap_region_is_the_fixed_foreground_near_the_placed_moving_one(ndim)
     matrix = torch.eye(ndim + 1)[None]
     matrix[0, :ndim, ndim] = shift
     masks = {"fixed_mask": head, "moving_mask": brain}
-    region, moving_fg = _overlap_region(head, brain, masks, matrix, 2.0, [1.0] * ndim)
+    region, moving_fg = overlap_region(head, brain, masks, matrix, 2.0, [1.0] * ndim)
     assert torch.equal(moving_fg, brain)
     # the brain sits at fixed voxels 8 - shift .. 13 - shift; 2 voxels of margin either side
     expected = torch.zeros_like(head)
@@ -332,8 +332,8 @@ def test_overlap_region_is_the_fixed_foreground_near_the_placed_moving_one(ndim)
     expected[(..., *box)] = 1.0
     assert torch.equal(region, expected * head)
     # margin in mm: 4 mm at 2 mm voxels is the same 2 voxels
-    region_mm, _ = _overlap_region(head, brain, masks, matrix, 4.0, [2.0] * ndim)
+    region_mm, _ = overlap_region(head, brain, masks, matrix, 4.0, [2.0] * ndim)
     assert torch.equal(region_mm, region)
     # foregrounds of similar volume: no region
-    assert _overlap_region(head, head, {"fixed_mask": head, "moving_mask": head}, matrix, 2.0,
+    assert overlap_region(head, head, {"fixed_mask": head, "moving_mask": head}, matrix, 2.0,
                            None) is None  # fmt: skip

@@ -5,7 +5,9 @@ the result is a DDF on that grid in its voxels, backward (fixed -> moving). The 
 
 1. a start (:mod:`regnet.optimize.initialize`): the identity, a translation superimposing
    intensity centroids, or a multi-start rigid search about the foreground centroids scored by
-   the affine stage's similarity on the coarsest level;
+   the affine stage's similarity on the coarsest level; where one image holds content the
+   other lacks, the similarity is then restricted to their overlap
+   (:mod:`regnet.optimize.overlap`);
 2. an affine stage (rigid or affine parameters about the image centre) through a pyramid,
    coarse to fine, when the transform is rigid/affine or precedes a deformable one;
 3. a deformable stage through the pyramid: cubic B-spline control points, a dense DDF or a
@@ -19,25 +21,28 @@ level is sampled once with it. Adam optimises the parameters against
 :func:`regnet.losses.build_loss` (image terms get the fixed mask, times the warped moving mask),
 plus an optional landmark term. The affine stage may use its own similarity (``affine_loss``,
 e.g. ``mi``, which tolerates different contrast and preprocessing) while the deformable stage uses
-``loss``.
+``loss``. Each level's images, loss, objective and Adam loop: :mod:`regnet.optimize.levels`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from regnet.losses import build_loss
-from regnet.optimize.initialize import (
-    centre_of_mass,
-    centre_of_mass_translation,
-    foreground_mask,
-    search_start,
+from regnet.optimize.initialize import centre_of_mass_translation, search_level
+from regnet.optimize.levels import (
+    Level,
+    LevelHistory,
+    level_loss,
+    level_objective,
+    run_adam,
+    terms_of,
 )
+from regnet.optimize.overlap import overlap_region
 from regnet.optimize.pyramid import downsample, level_shapes, level_step
 from regnet.optimize.transforms import (
     AffineParameters,
@@ -51,21 +56,12 @@ from regnet.spatial import (
     control_grid_shape,
     identity_grid,
     resize_ddf,
-    sample,
 )
 
 AFFINE_TRANSFORMS = ("rigid", "affine")
 DEFORMABLE_TRANSFORMS = ("bspline", "ddf", "svf")
 TRANSFORMS = AFFINE_TRANSFORMS + DEFORMABLE_TRANSFORMS
 INITS = ("identity", "com", "search")
-OVERLAP_VOLUME_RATIO = 1.3
-"""Foreground volume ratio beyond which ``overlap_margin`` restricts the similarity. Measured on
-the working grids of the real-scan benchmark at 2 mm (``docs/benchmarks.md``): 0.94-1.01 for
-same-preprocessing pairs, 1.63 for an unstripped fixed and a stripped moving brain, 0.59 the
-other way round; 0.91-1.11 on the 4 demo pairs, where restricting the similarity cost 0.03 Dice
-(it drops dim tissue outside the Otsu foreground that the pairs share)."""
-SIMILARITY_WINDOW_TERMS = ("lncc",)
-"""Loss terms whose ``window`` option :func:`register` sets per level from ``windows``."""
 
 DEFAULT_ITERATIONS = {
     "rigid": (100, 60, 30),
@@ -83,17 +79,6 @@ DEFAULT_LR = {"rigid": 0.5, "affine": 0.5, "bspline": 0.5, "ddf": 0.5, "svf": 0.
 
 REFINE_TRANSFORMS = ("svf", "ddf")
 """Transforms :func:`refine` composes with (``svf``) or adds to (``ddf``) a network's field."""
-
-
-@dataclass
-class LevelHistory:
-    """Loss (total, one value per iteration) of one stage on one pyramid level."""
-
-    stage: str
-    level: int
-    shape: tuple[int, ...]
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 @dataclass
@@ -117,26 +102,6 @@ class RegistrationResult:
     seconds: float
 
 
-@dataclass
-class _Level:
-    """Images, masks and loss of one pyramid level."""
-
-    index: int
-    shape: tuple[int, ...]
-    step: tuple[float, ...]
-    fixed: torch.Tensor
-    moving: torch.Tensor
-    fixed_mask: torch.Tensor | None
-    moving_mask: torch.Tensor | None
-    loss: Any
-    affine_loss: Any
-
-    def level_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
-        """A full-resolution voxel matrix expressed in this level's voxels: ``D⁻¹ M D``."""
-        d = torch.tensor([*self.step, 1.0], device=matrix.device, dtype=matrix.dtype)
-        return matrix * d.view(1, 1, -1) / d.view(1, -1, 1)
-
-
 def _check_image(tensor: torch.Tensor, name: str, shape: Sequence[int] | None) -> None:
     if tensor.dim() not in (4, 5) or tensor.shape[0] != 1:
         raise ValueError(
@@ -154,118 +119,6 @@ def _check_per_level(values: Sequence, levels: int, name: str) -> tuple:
     if len(values) != levels:
         raise ValueError(f"{name} needs one value per level ({levels}), got {list(values)}")
     return values
-
-
-def _landmark_error(
-    level: _Level,
-    matrix: torch.Tensor | None,
-    local: torch.Tensor | None,
-    fixed_points: torch.Tensor,
-    moving_points: torch.Tensor,
-    spacing: torch.Tensor | None,
-) -> torch.Tensor:
-    """Mean squared distance between mapped fixed landmarks ``T(x_f)`` and moving landmarks.
-
-    Points are ``(N, ndim)`` full-resolution voxels; the distance is in voxels, or mm when
-    ``spacing`` (mm per voxel, ``(ndim,)``) is given.
-    """
-    points = fixed_points
-    ndim = points.shape[1]
-    step = torch.tensor(level.step, device=points.device, dtype=points.dtype)
-    if local is not None:
-        coords = (points / step).T.reshape(1, ndim, -1, *([1] * (ndim - 1)))
-        displacement = sample(local, coords, padding="border").reshape(ndim, -1).T
-        points = points + displacement * step
-    if matrix is not None:
-        points = points @ matrix[0, :ndim, :ndim].T + matrix[0, :ndim, ndim]
-    difference = points - moving_points
-    if spacing is not None:
-        difference = difference * spacing
-    return (difference**2).sum(1).mean()
-
-
-def _objective(
-    level: _Level,
-    matrix: torch.Tensor | None,
-    local: torch.Tensor | None,
-    landmarks: tuple[torch.Tensor, torch.Tensor] | None,
-    landmark_weight: float,
-    spacing: torch.Tensor | None,
-) -> torch.Tensor:
-    """Total loss of one evaluation: the image loss on the warped moving image of the level plus
-    the weighted landmark term; ``local`` is the deformable displacement in level voxels (the
-    deformable stage's ``level.loss``), ``None`` during the affine stage (``level.affine_loss``)."""
-    grid = identity_grid(level.shape, level.fixed.device, level.fixed.dtype)
-    points = grid if local is None else grid + local
-    if matrix is not None:
-        points = apply_affine(level.level_matrix(matrix), points)
-    total = torch.zeros((), device=level.fixed.device)
-    loss = level.affine_loss if local is None else level.loss
-    if loss is not None:
-        warped = sample(level.moving, points, padding="border")
-        ddf = local if local is not None else torch.zeros_like(grid)
-        inputs = {"fixed": level.fixed, "moving": level.moving, "warped": warped, "ddf": ddf}
-        mask = level.fixed_mask
-        if level.moving_mask is not None:
-            warped_mask = sample(level.moving_mask, points.detach(), padding="zeros")
-            mask = warped_mask if mask is None else mask * warped_mask
-        if mask is not None:
-            inputs["fixed_mask"] = mask
-        total = total + loss(inputs)[0]
-    if landmarks is not None:
-        error = _landmark_error(level, matrix, local, *landmarks, spacing)
-        total = total + landmark_weight * error
-    return total
-
-
-def _optimise(
-    parameters: Sequence[torch.nn.Parameter],
-    evaluate,
-    iterations: int,
-    lr: float,
-    history: LevelHistory,
-) -> None:
-    """Adam for ``iterations`` steps on ``evaluate()``; the learning rate decays linearly to a
-    tenth so the last steps settle to well below ``lr``."""
-    start = time.perf_counter()
-    optimiser = torch.optim.Adam(parameters, lr=lr)
-    schedule = torch.optim.lr_scheduler.LinearLR(
-        optimiser, start_factor=1.0, end_factor=0.1, total_iters=max(iterations, 1)
-    )
-    for _ in range(iterations):
-        optimiser.zero_grad(set_to_none=True)
-        loss = evaluate()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        history.losses.append(float(loss.detach()))
-    history.seconds = time.perf_counter() - start
-
-
-def _terms_of(spec: str, values: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The entries of a per-term mapping (weights, options) for the terms of ``spec``."""
-    if values is None:
-        return None
-    names = set(spec.replace(" ", "").split("+"))
-    return {name: value for name, value in values.items() if name in names}
-
-
-def _level_loss(
-    loss: str | None,
-    weights: Mapping[str, float] | None,
-    options: Mapping[str, Mapping[str, Any]] | None,
-    window: int,
-):
-    """The :func:`build_loss` composite for one level, similarity windows set to ``window``."""
-    if not loss:
-        return None
-    level_options = {name: dict(value) for name, value in (options or {}).items()}
-    for name in loss.replace(" ", "").split("+"):
-        if name in SIMILARITY_WINDOW_TERMS:
-            level_options.setdefault(name, {})["window"] = int(window)
-    composite = build_loss(loss, weights=weights, options=level_options or None)
-    composite.check({"fixed", "moving", "warped", "ddf", "fixed_mask"})
-    return composite
 
 
 def register(
@@ -432,7 +285,7 @@ def register(
         "windows",
     )
     pyramid = [
-        _Level(
+        Level(
             index=index,
             shape=level_shape,
             step=level_step(shape, level_shape),
@@ -444,11 +297,11 @@ def register(
             moving_mask=(
                 downsample(masks["moving_mask"], level_shape) if "moving_mask" in masks else None
             ),
-            loss=_level_loss(loss, weights, loss_options, windows[index]),
-            affine_loss=_level_loss(
+            loss=level_loss(loss, weights, loss_options, windows[index]),
+            affine_loss=level_loss(
                 affine_loss or loss,
-                weights if not affine_loss else _terms_of(affine_loss, weights),
-                loss_options if not affine_loss else _terms_of(affine_loss, loss_options),
+                weights if not affine_loss else terms_of(affine_loss, weights),
+                loss_options if not affine_loss else terms_of(affine_loss, loss_options),
                 windows[index],
             ),
         )
@@ -457,7 +310,7 @@ def register(
     history: list[LevelHistory] = []
 
     def objective(level, matrix, local):
-        return _objective(level, matrix, local, landmarks, landmark_weight, spacing_tensor)
+        return level_objective(level, matrix, local, landmarks, landmark_weight, spacing_tensor)
 
     # Affine stage.
     affine = None
@@ -471,8 +324,15 @@ def register(
             ).float()
         affine = AffineParameters(shape, kind, translation, spacing).to(device)
         if init == "search":
-            rigid, record = _search(
-                pyramid[0], fixed, moving, masks, spacing, objective, search_iterations
+            rigid, record = search_level(
+                pyramid[0],
+                fixed,
+                moving,
+                masks,
+                spacing,
+                objective,
+                search_iterations,
+                DEFAULT_LR["rigid"],
             )
             with torch.no_grad():
                 affine.translation.copy_(rigid.translation)
@@ -480,7 +340,7 @@ def register(
             history.append(record)
     overlap = None
     if overlap_margin is not None and affine is not None:
-        overlap = _overlap_region(
+        overlap = overlap_region(
             fixed, moving, masks, affine.matrix().detach(), overlap_margin, spacing
         )
     if overlap is not None:
@@ -505,7 +365,7 @@ def register(
         for level in pyramid:
             record = LevelHistory(kind, level.index, level.shape)
             history.append(record)
-            _optimise(
+            run_adam(
                 list(affine.parameters()),
                 lambda level=level: objective(level, affine.matrix(), None),
                 affine_steps[level.index],
@@ -556,7 +416,7 @@ def register(
 
             record = LevelHistory(transform, level.index, level.shape)
             history.append(record)
-            _optimise(
+            run_adam(
                 params,
                 lambda level=level, local_field=local_field: objective(
                     level, matrix, local_field()
@@ -583,80 +443,6 @@ def register(
         history=history,
         seconds=time.perf_counter() - start,
     )
-
-
-def _search(
-    level: _Level,
-    fixed: torch.Tensor,
-    moving: torch.Tensor,
-    masks: Mapping[str, torch.Tensor],
-    spacing: Sequence[float] | None,
-    objective,
-    iterations: int,
-) -> tuple[AffineParameters, LevelHistory]:
-    """:func:`regnet.optimize.initialize.search_start` on ``level`` (the coarsest): candidates
-    scored and polished (rigid, Adam) with the affine stage's loss. Returns the winning rigid
-    parameters and a record of the polishing steps of all kept candidates."""
-    shape = tuple(fixed.shape[2:])
-    centroids = [
-        centre_of_mass(masks[name] if name in masks else foreground_mask(image)).float()
-        for name, image in (("fixed_mask", fixed), ("moving_mask", moving))
-    ]
-    record = LevelHistory("search", level.index, level.shape)
-
-    def polish(rigid: AffineParameters) -> float:
-        steps = LevelHistory("search", level.index, level.shape)
-        _optimise(
-            list(rigid.parameters()),
-            lambda: objective(level, rigid.matrix(), None),
-            iterations,
-            DEFAULT_LR["rigid"] * _mean(level.step),
-            steps,
-        )
-        record.losses.extend(steps.losses)
-        record.seconds += steps.seconds
-        with torch.no_grad():
-            return float(objective(level, rigid.matrix(), None))
-
-    rigid = search_start(
-        shape, spacing, *centroids, lambda matrix: objective(level, matrix, None), polish
-    )
-    return rigid, record
-
-
-def _overlap_region(
-    fixed: torch.Tensor,
-    moving: torch.Tensor,
-    masks: Mapping[str, torch.Tensor],
-    matrix: torch.Tensor,
-    margin: float,
-    spacing: Sequence[float] | None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The ``overlap_margin`` region of :func:`register`: ``(1, 1, *S)`` fixed foreground within
-    ``margin`` of the moving foreground placed by ``matrix``, and that moving foreground (on the
-    moving image's grid); ``None`` when the foregrounds' volumes agree within
-    :data:`OVERLAP_VOLUME_RATIO` (both images hold the same kind of content).
-
-    ``matrix`` ``(1, ndim+1, ndim+1)`` maps fixed voxels to moving voxels (backward, as every
-    transform here); ``margin`` is in mm along each axis with ``spacing`` (voxel size in mm per
-    tensor axis), in voxels without it, rounded to whole voxels (a box, not a ball)."""
-
-    def foreground(name: str, image: torch.Tensor, dilation: int) -> torch.Tensor:
-        return masks[name] if name in masks else foreground_mask(image, dilation)
-
-    fixed_volume = float((foreground("fixed_mask", fixed, 0) > 0.5).sum())
-    moving_fg = (foreground("moving_mask", moving, 0) > 0.5).float()
-    ratio = fixed_volume / max(float(moving_fg.sum()), 1.0)
-    if 1 / OVERLAP_VOLUME_RATIO <= ratio <= OVERLAP_VOLUME_RATIO:
-        return None
-    fixed_fg = foreground("fixed_mask", fixed, 2) > 0.5  # with its outline
-    grid = identity_grid(tuple(fixed.shape[2:]), fixed.device, torch.float32)
-    placed = (sample(moving_fg, apply_affine(matrix, grid), padding="zeros") > 0.5).float()
-    ndim = placed.dim() - 2
-    radius = [max(0, round(margin / step)) for step in (spacing or [1.0] * ndim)]
-    pool = torch.nn.functional.max_pool2d if ndim == 2 else torch.nn.functional.max_pool3d
-    near = pool(placed, [2 * r + 1 for r in radius], stride=1, padding=radius)
-    return fixed_fg.float() * near, moving_fg
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -6,23 +6,25 @@ backward mapping fixed -> moving):
 * :func:`centre_of_mass_translation`: the translation superimposing intensity centroids. Cheap,
   but intensity centroids are pulled by whatever one image has and the other lacks (skull, scalp,
   neck, a partial field of view).
-* :func:`search_start`: a coarse multi-start rigid search, as ANTs' ``antsAI`` does. Candidates
-  are rotations on a grid about the *foreground* centroid of the fixed image (Otsu mask,
-  :func:`foreground_mask`), moved onto the moving image's foreground centroid, plus the
-  unmoved start (the scanner header on a working grid); each is scored by the caller's
-  similarity at a coarse level, the best few are polished by a short rigid optimisation, and the
-  best polished one wins. Rotations up to about 45 degrees from a grid angle are recovered.
+* :func:`search_start` (on a pyramid level: :func:`search_level`): a coarse multi-start rigid
+  search, as ANTs' ``antsAI`` does. Candidates are rotations on a grid about the *foreground*
+  centroid of the fixed image (Otsu mask, :func:`foreground_mask`), moved onto the moving image's
+  foreground centroid, plus the unmoved start (the scanner header on a working grid); each is
+  scored by the caller's similarity at a coarse level, the best few are polished by a short rigid
+  optimisation, and the best polished one wins. Rotations up to about 45 degrees from a grid angle
+  are recovered.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from regnet.optimize.levels import Level, LevelHistory, run_adam
 from regnet.optimize.transforms import AffineParameters
 from regnet.spatial import identity_grid
 from regnet.spatial.smooth import gaussian_smooth
@@ -95,10 +97,22 @@ def foreground_mask(image: torch.Tensor, dilation: int = 2) -> torch.Tensor:
     if positive.numel() == 0:
         return torch.zeros_like(smooth)
     mask = (smooth > 0.5 * otsu_threshold(positive)).float()
-    if dilation > 0:
-        size = 2 * dilation + 1
-        pool = F.max_pool2d if image.dim() == 4 else F.max_pool3d
-        mask = pool(mask, size, stride=1, padding=dilation)
+    return dilate(mask, [dilation] * (image.dim() - 2))
+
+
+def dilate(mask: torch.Tensor, radius: Sequence[int]) -> torch.Tensor:
+    """Binary dilation of ``mask (1, 1, *S)`` (float, 0/1) by a box of ``radius`` voxels per axis:
+    the maximum over the box, taken one axis at a time (equal to one box-shaped max pool; a
+    radius-3 cube at 80x96x112 voxels: 7 instead of 117 ms)."""
+    ndim = mask.dim() - 2
+    pool = F.max_pool2d if ndim == 2 else F.max_pool3d
+    for axis, r in enumerate(radius):
+        if r > 0:
+            size = [1] * ndim
+            size[axis] = 2 * r + 1
+            padding = [0] * ndim
+            padding[axis] = r
+            mask = pool(mask, size, stride=1, padding=padding)
     return mask
 
 
@@ -156,3 +170,46 @@ def search_start(
     candidates.sort(key=lambda item: item[0])
     polished = [(polish(rigid), rigid) for _, rigid in candidates[:keep]]
     return min(polished, key=lambda item: item[0])[1]
+
+
+def search_level(
+    level: Level,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    masks: Mapping[str, torch.Tensor],
+    spacing: Sequence[float] | None,
+    objective: Callable[[Level, torch.Tensor, None], torch.Tensor],
+    iterations: int,
+    lr: float,
+) -> tuple[AffineParameters, LevelHistory]:
+    """:func:`search_start` on ``level`` (the coarsest) of full-resolution images ``fixed`` and
+    ``moving``: candidates scored and polished (rigid Adam, ``iterations`` steps at ``lr`` voxels
+    of the level's grid step) with ``objective(level, matrix, None)``, the affine stage's loss
+    of a full-resolution fixed -> moving voxel matrix. Foreground centroids come from ``masks``
+    (``fixed_mask``/``moving_mask``) or :func:`foreground_mask`. Returns the winning rigid
+    parameters and a record of the polishing steps of all kept candidates."""
+    shape = tuple(fixed.shape[2:])
+    centroids = [
+        centre_of_mass(masks[name] if name in masks else foreground_mask(image)).float()
+        for name, image in (("fixed_mask", fixed), ("moving_mask", moving))
+    ]
+    record = LevelHistory("search", level.index, level.shape)
+
+    def polish(rigid: AffineParameters) -> float:
+        steps = LevelHistory("search", level.index, level.shape)
+        run_adam(
+            list(rigid.parameters()),
+            lambda: objective(level, rigid.matrix(), None),
+            iterations,
+            lr * sum(level.step) / len(level.step),
+            steps,
+        )
+        record.losses.extend(steps.losses)
+        record.seconds += steps.seconds
+        with torch.no_grad():
+            return float(objective(level, rigid.matrix(), None))
+
+    rigid = search_start(
+        shape, spacing, *centroids, lambda matrix: objective(level, matrix, None), polish
+    )
+    return rigid, record
