@@ -48,6 +48,7 @@ from regnet.pipeline import (
     network_field_to_world,
     run_network,
 )
+from regnet.spatial import affine_to_ddf
 
 
 def pair_specs(cfg: DictConfig) -> list[tuple[PairSpec, Path]]:
@@ -92,22 +93,34 @@ def apply_preprocess_overrides(network: Network, cfg: DictConfig) -> Network:
     return network
 
 
+def header_ddf(item: dict, device: torch.device) -> torch.Tensor:
+    """The scanner headers' alignment as a DDF ``(1, 3, *S)`` in voxels of the fixed network
+    grid (backward): fixed-grid voxel ``x`` is world point ``A_f x``, which the moving grid holds
+    at voxel ``A_m^-1 A_f x``."""
+    fixed_affine = torch.as_tensor(item["fixed_affine"], dtype=torch.float64)
+    moving_affine = torch.as_tensor(item["moving_affine"], dtype=torch.float64)
+    matrix = torch.linalg.solve(moving_affine, fixed_affine)
+    return affine_to_ddf(matrix[None], tuple(item["fixed"].shape[1:])).float().to(device)
+
+
 def predict_pair(
     network: Network, inputs: PairInputs, device: torch.device, cfg: DictConfig
 ) -> RegistrationResult:
-    """Register one pair with the network (and ``refine.steps`` of instance optimisation, kept
-    only if it does not score worse than the network's field: :mod:`regnet.optimize.safeguard`);
-    ``seconds`` covers preprocessing, the network, refinement and the conversion to mm."""
+    """Register one pair with the network (and ``refine.steps`` of instance optimisation).
+
+    With ``start_check`` the candidates header -> network -> refined are judged by
+    :mod:`regnet.optimize.safeguard` and the last one not worse than those before it is kept
+    (a one-line warning when that is not the last). ``seconds`` covers preprocessing, the
+    network, refinement, the check and the conversion to mm."""
     watch = Stopwatch(device)
     item = network.preprocessing.apply(inputs)
     ddf = run_network(network, item, device, bool(cfg.bf16))
+    fixed, moving = item["fixed"][None].to(device), item["moving"][None].to(device)
+    candidates = {"header": header_ddf(item, device), "network": ddf}
     steps = int(cfg.refine.steps)
-    check = None
     if steps > 0:
-        fixed, moving = item["fixed"][None].to(device), item["moving"][None].to(device)
-        network_ddf = ddf
-        ddf = refine(
-            network_ddf,
+        candidates["refined"] = refine(
+            ddf,
             fixed,
             moving,
             steps=steps,
@@ -119,11 +132,14 @@ def predict_pair(
             window=int(cfg.refine.window),
             smoothing=float(cfg.refine.smoothing),
         )
-        candidates = {"network": network_ddf, "refined": ddf}
+    check = None
+    if cfg.start_check:
         check = check_against_start(fixed, moving, candidates, region=foreground_mask(fixed))
         if not check.result_kept:
             print(f"warning: {inputs.moving.path}: {check.message()}", file=sys.stderr)
-            ddf = network_ddf
+        ddf = candidates[check.kept]
+    else:
+        ddf = list(candidates.values())[-1]
     field = network_field_to_world(ddf, item["fixed_affine"], item["moving_affine"])
     seconds = watch.seconds()
     return complete_registration(

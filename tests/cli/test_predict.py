@@ -299,3 +299,31 @@ def test_a_refinement_worse_than_the_network_is_reported_and_not_returned(
     check = json.loads((out / "metrics.json").read_text())["info"]["start_check"]
     assert check["kept"] == "network"
     assert check["scores"]["refined"]["nmi"] < check["scores"]["network"]["nmi"]
+
+
+@pytest.mark.parametrize("start_check", [True, False])
+def test_a_network_field_worse_than_the_headers_is_reported_and_not_returned(
+    checkpoint, files, tmp_path, capsys, monkeypatch, start_check
+):
+    def spoiled(*args, **kwargs):  # the network places the moving image 3 voxels off
+        return torch.tensor([3.0, 0.0, 0.0]).view(1, 3, 1, 1, 1).expand(1, 3, 16, 16, 16)
+
+    monkeypatch.setattr(predict_cli, "run_network", spoiled)
+    out = tmp_path / "out"
+    same = files["fixed"]  # moving = fixed: the headers align the pair exactly
+    args = [f"ckpt={checkpoint}", f"pair=[{files['fixed']},{same}]", "device=cpu"]
+    status, err = run_main([*args, f"start_check={start_check}", f"out={out}"], capsys)
+    assert status == 0, err
+    disp, _ = load_disp(out / "disp_mm.nii.gz")
+    info = json.loads((out / "metrics.json").read_text())["info"]
+    if start_check:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("warning: ")
+        assert "the header alignment is kept" in lines[0]
+        assert np.abs(disp).max() < 1e-4
+        assert info["start_check"]["kept"] == "header"
+        scores = info["start_check"]["scores"]
+        assert scores["network"]["nmi"] < scores["header"]["nmi"]
+    else:
+        assert err == "" and "start_check" not in info
+        assert np.abs(disp).max() > 1.0  # the spoiled field, 3 voxels of the network grid
