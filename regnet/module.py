@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from regnet import __version__
+from regnet.checkpoint import plain_container, read_checkpoint
 from regnet.losses import build_loss, parse_spec
 from regnet.metrics import dice_per_label, jacobian_stats
 from regnet.spatial import warp, warp_labels
@@ -157,6 +158,11 @@ class RegistrationModule(L.LightningModule):
             raise ValueError(f"num_labels must be >= 0, got {num_labels}")
         if int(label_downsize) != label_downsize or label_downsize < 1:
             raise ValueError(f"label_downsize must be an integer >= 1, got {label_downsize}")
+        # Lightning stores the arguments as they are: plain containers keep checkpoints
+        # readable with weights_only=True (regnet.checkpoint)
+        loss_weights, loss_options, config = map(
+            plain_container, (loss_weights, loss_options, config)
+        )
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         terms = parse_spec(loss)
@@ -337,9 +343,11 @@ class RegistrationModule(L.LightningModule):
         """Rebuild a trained module from a checkpoint written by ``regnet-train``.
 
         The network is instantiated from ``hyper_parameters["config"]["model"]`` (a Hydra
-        ``_target_`` spec with resolved values), then its weights are loaded.
+        ``_target_`` spec with resolved values), then its weights are loaded. The file is read
+        without running code from it (:func:`regnet.checkpoint.read_checkpoint`; a file that
+        needs more raises :class:`regnet.data.io.DataError`).
         """
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = read_checkpoint(path, map_location)
         config = checkpoint.get("hyper_parameters", {}).get("config")
         if not config or "model" not in config:
             raise ValueError(
@@ -347,4 +355,6 @@ class RegistrationModule(L.LightningModule):
                 " it was not written by regnet-train"
             )
         model = instantiate(config["model"])
-        return cls.load_from_checkpoint(path, map_location=map_location, model=model)
+        return cls.load_from_checkpoint(
+            path, map_location=map_location, model=model, weights_only=True
+        )

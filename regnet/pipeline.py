@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from regnet import __version__
+from regnet.checkpoint import read_checkpoint
 from regnet.data.io import DataError, read_landmarks
 from regnet.metrics import dice_per_label, hd95, jacobian_stats, tre
 from regnet.spatial import jacobian_determinant, sample
@@ -491,21 +492,17 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> Networ
 
     The model is instantiated from ``hyper_parameters["config"]["model"]`` (a Hydra
     ``_target_`` spec, see :class:`regnet.module.RegistrationModule`) and loads the ``model.*``
-    weights strictly. The checkpoint is unpickled (``weights_only=False``): load only files you
-    trust.
+    weights strictly. The file is read without running code from it
+    (:func:`regnet.checkpoint.read_checkpoint`).
 
     Raises:
-        DataError: ``<path>: <problem>`` for a missing or unreadable file, a checkpoint that was
-            not written by regnet-train, one of an incompatible regnet version, a model that is
-            not 3D, or weights that do not fit the model.
+        DataError: ``<path>: <problem>`` for a missing or unreadable file, one that only
+            arbitrary unpickling could read, a checkpoint that was not written by regnet-train,
+            one of an incompatible regnet version, a model that is not 3D, or weights that do
+            not fit the model.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch.load raises pickle, zip and runtime errors
-        raise DataError(f"{path}: not a PyTorch checkpoint ({type(error).__name__})") from None
+    checkpoint = read_checkpoint(path)
     config = config_section(checkpoint, "hyper_parameters", "config")
     if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
         raise DataError(

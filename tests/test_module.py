@@ -7,6 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import OmegaConf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -227,14 +228,22 @@ def test_panel_is_logged_for_first_validation_pair(tmp_path):
 
 def test_checkpoint_rebuilds_model_from_stored_config(tmp_path):
     model_config = {"_target_": "regnet.nets.VoxelMorph", "ndim": 2, **TINY_UNET}
+    # settings given as OmegaConf objects (as Hydra composes them) are stored as plain containers
+    config = OmegaConf.create({"model": model_config, "data": {"shape": [16, 16]}})
     module = RegistrationModule(
-        VoxelMorph(2, **TINY_UNET), loss="ncc+grad", config={"model": model_config}
+        VoxelMorph(2, **TINY_UNET),
+        loss="ncc+grad",
+        loss_options=OmegaConf.create({"ncc": {}}),
+        config=config,
     )
     fit = trainer(tmp_path, max_steps=1, num_sanity_val_steps=0)
     fit.fit(module, train_dataloaders=DataLoader(pairs(1)))
     path = tmp_path / "model.ckpt"
     fit.save_checkpoint(path)
-    assert torch.load(path, weights_only=False)["regnet_version"]
+    state = torch.load(path, weights_only=True)
+    assert state["regnet_version"]
+    assert state["hyper_parameters"]["config"]["data"] == {"shape": [16, 16]}
+    assert type(state["hyper_parameters"]["loss_options"]) is dict
 
     restored = RegistrationModule.from_checkpoint(path)
     assert restored.hparams.loss == "ncc+grad"
