@@ -39,6 +39,7 @@ from torch import nn
 from regnet import __version__
 from regnet.checkpoint import read_checkpoint
 from regnet.data.io import DataError, read_landmarks
+from regnet.data.validate import check_image_content, check_overlap
 from regnet.metrics import dice_per_label, hd95, jacobian_stats, tre
 from regnet.spatial import jacobian_determinant, sample
 from regnet.spatial.world import (
@@ -168,10 +169,23 @@ def load_pair_inputs(
     :func:`regnet.data.io.read_landmarks`) or ``(N, 3)`` RAS mm arrays, with the same number of
     points, corresponding row by row.
 
+    Both images must hold voxels, not be constant, and their fields of view must overlap in
+    world space (:mod:`regnet.data.validate`).
+
     Raises:
         DataError: one line naming the offending file.
     """
     fixed_volume, moving_volume = load_volume(fixed), load_volume(moving)
+    for volume in (fixed_volume, moving_volume):
+        check_image_content(volume.path, volume.data)
+    check_overlap(
+        fixed_volume.path,
+        fixed_volume.shape,
+        fixed_volume.affine,
+        moving_volume.path,
+        moving_volume.shape,
+        moving_volume.affine,
+    )
     fixed_labels = moving_labels = None
     if labels is not None:
         fixed_labels, moving_labels = (load_volume(p, labels=True) for p in labels)
