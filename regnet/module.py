@@ -100,7 +100,9 @@ class RegistrationModule(L.LightningModule):
 
     While fitting, at the first and then every ``val_panel_every_n_epochs``-th validation run
     (0: never), the first pair of the first validation batch is drawn with
-    :func:`regnet.visualize.make_panel` into each TensorBoard logger as ``val/panel``.
+    :func:`regnet.visualize.make_panel` (the overview ``overview.png`` of the inference commands,
+    oriented with the batch's ``fixed_affine`` when it has one) into each TensorBoard logger as
+    ``val/panel``.
 
     Args:
         model: registration network.
@@ -261,7 +263,8 @@ class RegistrationModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         inputs = self._evaluate(batch, "val")
         if batch_idx == 0 and self._panel_due():
-            self._log_panel(inputs)
+            affine = batch["fixed_affine"][0] if "fixed_affine" in batch else None
+            self._log_panel(inputs, affine)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
@@ -303,13 +306,17 @@ class RegistrationModule(L.LightningModule):
         if self._fitting_validation():
             self._validation_runs += 1
 
-    def _log_panel(self, inputs: Mapping[str, torch.Tensor]) -> None:
+    def _log_panel(
+        self, inputs: Mapping[str, torch.Tensor], affine: torch.Tensor | None = None
+    ) -> None:
+        """Draw the first pair with the fixed network grid's ``affine`` ``(4, 4)`` (``None``
+        for data without one: array axes shown as R, A, S)."""
         writers = [lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
         if not writers:
             return
         panel = make_panel(
-            inputs["fixed"][0], inputs["moving"][0], inputs["warped"][0], inputs["ddf"][0]
-        ).cpu()
+            inputs["fixed"][0], inputs["moving"][0], inputs["warped"][0], inputs["ddf"][0], affine
+        ).image
         for writer in writers:
             writer.add_image("val/panel", panel, self.global_step, dataformats="CHW")
 

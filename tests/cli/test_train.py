@@ -18,9 +18,9 @@ from unsafe_pickle import write_malicious_checkpoint
 from regnet.cli.config import CONFIG_DIR_ENV, config_dir
 from regnet.cli.train import train
 from regnet.losses import DEFAULT_WEIGHTS
+from regnet.visualize import make_panel
 
 REPO = Path(__file__).resolve().parents[2]
-PANEL_TILES = 8  # tiles per panel row, see regnet.visualize.PANEL_TILES
 
 
 def compose_train(tmp_path: Path, *overrides: str):
@@ -35,6 +35,13 @@ def panel_images(run_dir: Path) -> list:
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     return events.Images("val/panel") if "val/panel" in events.Tags()["images"] else []
+
+
+def panel_size(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(height, width) of the overview panel of images of this spatial shape, no affine."""
+    image = torch.zeros(1, *shape)
+    panel = make_panel(image, image, image, torch.zeros(len(shape), *shape))
+    return tuple(panel.image.shape[1:])
 
 
 def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -115,8 +122,7 @@ def test_3d_run_draws_three_plane_panel(tmp_path):
     trainer = train(compose_train(tmp_path, "experiment=debug3d", "model=voxelmorph_diff"))
     assert trainer.global_step == 5
     (image,) = panel_images(tmp_path)
-    side = 16
-    assert (image.height, image.width) == (3 * (side + 2) + 2, PANEL_TILES * (side + 2) + 2)
+    assert (image.height, image.width) == panel_size((16, 16, 16))
 
 
 class StartState(Callback):
@@ -188,7 +194,7 @@ def test_command_line_run_writes_one_run_directory(tmp_path):
     assert config.model.ndim == 2
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     (image,) = panel_images(run_dir)
-    assert (image.height, image.width) == (32 + 4, PANEL_TILES * (32 + 2) + 2)
+    assert (image.height, image.width) == panel_size((32, 32))
 
 
 def write_unlabelled_folder(root: Path, count: int = 3, size: int = 16) -> None:
