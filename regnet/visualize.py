@@ -377,10 +377,10 @@ def _compose(rows: list, convention: str, no_affine: bool) -> Panel:
         draw.text((round(x), round(y)), words, fill=255, font=font, anchor=anchor)
 
     side = "right" if convention == "radiological" else "left"
+    axes = "no affine: array axes shown as R, A, S" if no_affine else "reoriented to RAS"
     header = (
-        f"{convention} convention: patient's left on the image's {side}   |   each image "
-        "windowed on its 1st-99th percentiles (warped: the moving window)   |   "
-        + ("no affine: array axes shown as R, A, S" if no_affine else "nearest RAS axes")
+        f"{convention} convention: patient's left on the image's {side}   |   {axes}   |   "
+        "each image windowed on its own 1st-99th percentiles (warped: the moving window)"
     )
     write(_MARK_LANE, _TITLE_HEIGHT / 2, header, anchor="lm")
     for column, title in enumerate(PANEL_TILES):
