@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from regnet import __version__
+from regnet.checkpoint import plain_container, read_checkpoint
 from regnet.losses import build_loss, parse_spec
 from regnet.metrics import dice_per_label, jacobian_stats
 from regnet.spatial import warp, warp_labels
@@ -99,7 +100,9 @@ class RegistrationModule(L.LightningModule):
 
     While fitting, at the first and then every ``val_panel_every_n_epochs``-th validation run
     (0: never), the first pair of the first validation batch is drawn with
-    :func:`regnet.visualize.make_panel` into each TensorBoard logger as ``val/panel``.
+    :func:`regnet.visualize.make_panel` (the overview ``overview.png`` of the inference commands,
+    oriented with the batch's ``fixed_affine`` when it has one) into each TensorBoard logger as
+    ``val/panel``.
 
     Args:
         model: registration network.
@@ -157,6 +160,11 @@ class RegistrationModule(L.LightningModule):
             raise ValueError(f"num_labels must be >= 0, got {num_labels}")
         if int(label_downsize) != label_downsize or label_downsize < 1:
             raise ValueError(f"label_downsize must be an integer >= 1, got {label_downsize}")
+        # Lightning stores the arguments as they are: plain containers keep checkpoints
+        # readable with weights_only=True (regnet.checkpoint)
+        loss_weights, loss_options, config = map(
+            plain_container, (loss_weights, loss_options, config)
+        )
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         terms = parse_spec(loss)
@@ -255,7 +263,8 @@ class RegistrationModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         inputs = self._evaluate(batch, "val")
         if batch_idx == 0 and self._panel_due():
-            self._log_panel(inputs)
+            affine = batch["fixed_affine"][0] if "fixed_affine" in batch else None
+            self._log_panel(inputs, affine)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
@@ -297,13 +306,17 @@ class RegistrationModule(L.LightningModule):
         if self._fitting_validation():
             self._validation_runs += 1
 
-    def _log_panel(self, inputs: Mapping[str, torch.Tensor]) -> None:
+    def _log_panel(
+        self, inputs: Mapping[str, torch.Tensor], affine: torch.Tensor | None = None
+    ) -> None:
+        """Draw the first pair with the fixed network grid's ``affine`` ``(4, 4)`` (``None``
+        for data without one: array axes shown as R, A, S)."""
         writers = [lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
         if not writers:
             return
         panel = make_panel(
-            inputs["fixed"][0], inputs["moving"][0], inputs["warped"][0], inputs["ddf"][0]
-        ).cpu()
+            inputs["fixed"][0], inputs["moving"][0], inputs["warped"][0], inputs["ddf"][0], affine
+        ).image
         for writer in writers:
             writer.add_image("val/panel", panel, self.global_step, dataformats="CHW")
 
@@ -337,9 +350,11 @@ class RegistrationModule(L.LightningModule):
         """Rebuild a trained module from a checkpoint written by ``regnet-train``.
 
         The network is instantiated from ``hyper_parameters["config"]["model"]`` (a Hydra
-        ``_target_`` spec with resolved values), then its weights are loaded.
+        ``_target_`` spec with resolved values), then its weights are loaded. The file is read
+        without running code from it (:func:`regnet.checkpoint.read_checkpoint`; a file that
+        needs more raises :class:`regnet.data.io.DataError`).
         """
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = read_checkpoint(path, map_location)
         config = checkpoint.get("hyper_parameters", {}).get("config")
         if not config or "model" not in config:
             raise ValueError(
@@ -347,4 +362,6 @@ class RegistrationModule(L.LightningModule):
                 " it was not written by regnet-train"
             )
         model = instantiate(config["model"])
-        return cls.load_from_checkpoint(path, map_location=map_location, model=model)
+        return cls.load_from_checkpoint(
+            path, map_location=map_location, model=model, weights_only=True
+        )

@@ -20,8 +20,11 @@ and qform (codes and other header fields copied from the fixed file where it is 
     metrics (see :func:`regnet.pipeline.registration_metrics`), ``seconds``, input files,
     method and software versions.
 ``overview.png``
-    middle slices of fixed, moving, warped, differences, checkerboard, deformed grid and Jacobian
-    (:func:`regnet.visualize.make_panel`), moving and warped shown on the fixed grid.
+    axial, coronal and sagittal slices through the middle of the fixed grid, in RAS orientation
+    with the display convention and L/R, A/P, S/I marks on the figure: fixed, moving, warped,
+    differences, checkerboard, deformed grid and Jacobian determinant, each image windowed on its
+    own intensities (:func:`regnet.visualize.make_panel`), moving and warped shown on the fixed
+    grid.
 
 Safety: :func:`check_output_dir` refuses a folder that already holds files unless ``overwrite``;
 :func:`staged_output` writes into a temporary sibling folder and moves the files into place only
@@ -214,7 +217,8 @@ def overview_image(inputs: PairInputs, result: RegistrationResult) -> torch.Tens
         fixed.affine,
     )
     ddf = world_to_ddf(result.field.disp_mm, fixed.affine)
-    return make_panel(fixed.data[0], moving_on_fixed[0], result.warped[0], ddf[0])
+    panel = make_panel(fixed.data[0], moving_on_fixed[0], result.warped[0], ddf[0], fixed.affine)
+    return panel.image
 
 
 def write_registration(

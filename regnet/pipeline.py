@@ -37,7 +37,9 @@ import torch
 from torch import nn
 
 from regnet import __version__
+from regnet.checkpoint import read_checkpoint
 from regnet.data.io import DataError, read_landmarks
+from regnet.data.validate import check_image_content, check_overlap
 from regnet.metrics import dice_per_label, hd95, jacobian_stats, tre
 from regnet.spatial import jacobian_determinant, sample
 from regnet.spatial.world import (
@@ -167,10 +169,23 @@ def load_pair_inputs(
     :func:`regnet.data.io.read_landmarks`) or ``(N, 3)`` RAS mm arrays, with the same number of
     points, corresponding row by row.
 
+    Both images must hold voxels, not be constant, and their fields of view must overlap in
+    world space (:mod:`regnet.data.validate`).
+
     Raises:
         DataError: one line naming the offending file.
     """
     fixed_volume, moving_volume = load_volume(fixed), load_volume(moving)
+    for volume in (fixed_volume, moving_volume):
+        check_image_content(volume.path, volume.data)
+    check_overlap(
+        fixed_volume.path,
+        fixed_volume.shape,
+        fixed_volume.affine,
+        moving_volume.path,
+        moving_volume.shape,
+        moving_volume.affine,
+    )
     fixed_labels = moving_labels = None
     if labels is not None:
         fixed_labels, moving_labels = (load_volume(p, labels=True) for p in labels)
@@ -491,21 +506,17 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> Networ
 
     The model is instantiated from ``hyper_parameters["config"]["model"]`` (a Hydra
     ``_target_`` spec, see :class:`regnet.module.RegistrationModule`) and loads the ``model.*``
-    weights strictly. The checkpoint is unpickled (``weights_only=False``): load only files you
-    trust.
+    weights strictly. The file is read without running code from it
+    (:func:`regnet.checkpoint.read_checkpoint`).
 
     Raises:
-        DataError: ``<path>: <problem>`` for a missing or unreadable file, a checkpoint that was
-            not written by regnet-train, one of an incompatible regnet version, a model that is
-            not 3D, or weights that do not fit the model.
+        DataError: ``<path>: <problem>`` for a missing or unreadable file, one that only
+            arbitrary unpickling could read, a checkpoint that was not written by regnet-train,
+            one of an incompatible regnet version, a model that is not 3D, or weights that do
+            not fit the model.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch.load raises pickle, zip and runtime errors
-        raise DataError(f"{path}: not a PyTorch checkpoint ({type(error).__name__})") from None
+    checkpoint = read_checkpoint(path)
     config = config_section(checkpoint, "hyper_parameters", "config")
     if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
         raise DataError(

@@ -7,6 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import OmegaConf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -219,22 +220,77 @@ def test_panel_is_logged_for_first_validation_pair(tmp_path):
     item = data[0]
     trained = module.model.ddf.detach()  # the field after the last training step
     warped = warp(item["moving"][None], trained[None])[0]
-    expected = make_panel(item["fixed"], item["moving"], warped, trained)
+    expected = make_panel(item["fixed"], item["moving"], warped, trained).image
     expected = expected.permute(1, 2, 0).numpy()
     assert logged.shape == expected.shape
     assert np.abs(logged.astype(float) - expected * 255).max() <= 1.0
 
 
+class WithAffine(Dataset):
+    """Items of ``dataset`` with a ``fixed_affine``, as file datasets give them."""
+
+    def __init__(self, dataset, affine):
+        self.dataset, self.affine = dataset, torch.as_tensor(affine, dtype=torch.float64)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return {**self.dataset[index], "fixed_affine": self.affine}
+
+
+def logged_panels(folder) -> list[np.ndarray]:
+    events = EventAccumulator(str(folder), size_guidance={"images": 0})
+    events.Reload()
+    return [
+        np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+        for event in events.Images("val/panel")
+    ]
+
+
+def test_panel_is_oriented_with_the_batch_affine(tmp_path):
+    """A 2D network grid stored with x flipped (a coronal slice, as file datasets give it) is
+    drawn as the overview draws that file: same rendering, oriented by the affine."""
+    ddf = torch.zeros(2, *SHAPE)
+    module = RegistrationModule(FixedField(ddf), loss="mse", lr=1e-9)
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    flipped = np.array([[-1.0, 0, 0, 23.0], [0, 0, 1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])
+    data = WithAffine(pairs(1), flipped)
+    fit = trainer(tmp_path, logger=logger, max_steps=1, num_sanity_val_steps=0)
+    fit.fit(module, DataLoader(pairs(1, seed=5)), DataLoader(data))
+    logger.experiment.flush()
+    (logged,) = logged_panels(tmp_path / "tb")
+    item = data[0]
+    trained = module.model.ddf.detach()
+    warped = warp(item["moving"][None], trained[None])[0]
+    expected = make_panel(item["fixed"], item["moving"], warped, trained, flipped).image
+    expected = expected.permute(1, 2, 0).numpy()
+    assert logged.shape == expected.shape
+    assert np.abs(logged.astype(float) - expected * 255).max() <= 1.0
+    unoriented = make_panel(item["fixed"], item["moving"], warped, trained).image
+    unoriented = unoriented.permute(1, 2, 0)
+    assert unoriented.shape == expected.shape  # same layout, the image mirrored
+    assert np.abs(unoriented.numpy() - expected).max() > 0.5
+
+
 def test_checkpoint_rebuilds_model_from_stored_config(tmp_path):
     model_config = {"_target_": "regnet.nets.VoxelMorph", "ndim": 2, **TINY_UNET}
+    # settings given as OmegaConf objects (as Hydra composes them) are stored as plain containers
+    config = OmegaConf.create({"model": model_config, "data": {"shape": [16, 16]}})
     module = RegistrationModule(
-        VoxelMorph(2, **TINY_UNET), loss="ncc+grad", config={"model": model_config}
+        VoxelMorph(2, **TINY_UNET),
+        loss="ncc+grad",
+        loss_options=OmegaConf.create({"ncc": {}}),
+        config=config,
     )
     fit = trainer(tmp_path, max_steps=1, num_sanity_val_steps=0)
     fit.fit(module, train_dataloaders=DataLoader(pairs(1)))
     path = tmp_path / "model.ckpt"
     fit.save_checkpoint(path)
-    assert torch.load(path, weights_only=False)["regnet_version"]
+    state = torch.load(path, weights_only=True)
+    assert state["regnet_version"]
+    assert state["hyper_parameters"]["config"]["data"] == {"shape": [16, 16]}
+    assert type(state["hyper_parameters"]["loss_options"]) is dict
 
     restored = RegistrationModule.from_checkpoint(path)
     assert restored.hparams.loss == "ncc+grad"

@@ -201,7 +201,8 @@ def test_one_voxel_label_shift_gives_the_numpy_dice(tmp_path: Path) -> None:
     ],
 )
 def test_bad_inputs_name_the_file(tmp_path: Path, case: str, problem: str) -> None:
-    image = write(tmp_path / "image.nii.gz", np.ones(FIXED_SHAPE, np.float32), FIXED_AFFINE)
+    ramp = np.arange(np.prod(FIXED_SHAPE), dtype=np.float32).reshape(FIXED_SHAPE)
+    image = write(tmp_path / "image.nii.gz", ramp, FIXED_AFFINE)
     labels = write(tmp_path / "labels.nii.gz", np.ones(FIXED_SHAPE, np.int16), FIXED_AFFINE)
     bad = tmp_path / "bad.nii.gz"
     if case == "text":

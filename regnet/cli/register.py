@@ -41,6 +41,7 @@ from regnet.cli.common import (
     run_command,
 )
 from regnet.cli.predict import summary_line
+from regnet.data.validate import check_mask_content
 from regnet.optimize import INITS, TRANSFORMS, register
 from regnet.optimize.initialize import foreground_mask
 from regnet.optimize.safeguard import check_against_start
@@ -261,6 +262,8 @@ def run(cfg: DictConfig) -> Path:
     check_output_dir(out_dir, bool(cfg.overwrite))
     inputs = spec.load()
     masks = None if mask_paths is None else tuple(load_volume(p) for p in mask_paths)
+    for mask in masks or ():
+        check_mask_content(mask.path, mask.data)
     result = register_pair(inputs, masks, device, cfg)
     write_registration(out_dir, inputs, result, bool(cfg.overwrite), bool(cfg.overview))
     print(f"{out_dir}: {summary_line(result.metrics)}")

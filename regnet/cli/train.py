@@ -15,6 +15,7 @@ Each run writes into one directory (``paths.output_dir``, by default
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from regnet.checkpoint import read_checkpoint
+from regnet.cli.common import EXIT_BAD_INPUT
 from regnet.cli.config import config_dir
+from regnet.data.io import DataError
 from regnet.module import RegistrationModule
 
 log = logging.getLogger(__name__)
@@ -78,9 +82,18 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> L.Trainer:
         cfg: composed ``train`` config (without the ``hydra`` node).
         callbacks: extra Lightning callbacks, added to those of ``cfg.callbacks``.
 
+    Every checkpoint (``ckpt_path`` to resume from, the best one) is read with
+    ``weights_only=True`` (:mod:`regnet.checkpoint`); ``ckpt_path`` is checked before anything
+    is written.
+
     Returns:
         The trainer after the last stage; ``trainer.callback_metrics`` holds the final metrics.
+
+    Raises:
+        DataError: ``ckpt_path`` is missing, not a checkpoint, or needs arbitrary unpickling.
     """
+    if cfg.get("ckpt_path"):
+        read_checkpoint(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     _resolve_auto_monitor(cfg)
@@ -95,20 +108,24 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> L.Trainer:
         callbacks=[*_instantiate_all(cfg.get("callbacks")), *callbacks],
         logger=_instantiate_all(cfg.get("logger")) or False,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if best:
         log.info("Best checkpoint: %s", best)
-        trainer.validate(module, datamodule=datamodule, ckpt_path=best)
+        trainer.validate(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
         if getattr(datamodule, "test", None) is not None:
-            trainer.test(module, datamodule=datamodule, ckpt_path=best)
+            trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
     if trainer.is_global_zero:
         print(f"Run directory: {output_dir}")
     return trainer
 
 
 def _hydra_task(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except DataError as error:  # bad input: one line, as the inference commands print it
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def main() -> None:

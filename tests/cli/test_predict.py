@@ -18,6 +18,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from scipy.ndimage import map_coordinates
+from unsafe_pickle import write_malicious_checkpoint
 
 import regnet.cli.predict as predict_cli
 from regnet.cli.config import config_dir
@@ -208,7 +209,7 @@ def bad_case(case: str, files: dict[str, Path], checkpoint: Path, tmp: Path) -> 
         labels = [files["fixed_labels"], files["fixed_labels"]]
         return [f"labels=[{labels[0]},{labels[1]}]"], f"{labels[1]}: label grid"
     if case in ("other_model", "version"):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if case == "other_model":
             state["hyper_parameters"] = {"lr": 0.1}
             problem = "not a regnet checkpoint"
@@ -222,6 +223,9 @@ def bad_case(case: str, files: dict[str, Path], checkpoint: Path, tmp: Path) -> 
         path = tmp / "text.ckpt"
         path.write_text("weights")
         return [f"ckpt={path}"], f"{path}: not a PyTorch checkpoint"
+    if case == "code_in_checkpoint":
+        path = write_malicious_checkpoint(tmp / "sent.ckpt", tmp.parent / f"{tmp.name}-ran")
+        return [f"ckpt={path}"], f"{path}: refused: reading it would run code stored in the file"
     if case == "no_ckpt":
         return ["ckpt=null"], "ckpt: missing"
     if case == "refine_transform":
@@ -240,6 +244,7 @@ def bad_case(case: str, files: dict[str, Path], checkpoint: Path, tmp: Path) -> 
         "other_model",
         "version",
         "not_a_checkpoint",
+        "code_in_checkpoint",
         "no_ckpt",
         "refine_transform",
     ],
@@ -259,6 +264,28 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, checkpoint, files, tm
     assert err == f"error: {err[len('error: ') :].strip()}\n" and err.count("\n") == 1
     assert err.startswith(f"error: {message}"), err
     assert sorted(tmp_path.iterdir()) == before  # no output folder, no staging left behind
+
+
+def test_trained_checkpoint_reads_without_unpickling_code(checkpoint):
+    """A checkpoint of a real training run holds only tensors and plain containers; every
+    prediction in this file loads it that way (:func:`regnet.checkpoint.read_checkpoint`)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    config = state["hyper_parameters"]["config"]
+    assert type(config) is dict and type(config["model"]["enc_channels"]) is list
+    assert state["hyper_parameters"]["loss"] == config["loss"]
+    assert state["optimizer_states"] and state["loops"]
+
+
+def test_code_in_a_sent_checkpoint_never_runs(files, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    path = write_malicious_checkpoint(tmp_path / "sent.ckpt", marker)
+    out = tmp_path / "out"
+    status, err = run_main(
+        [f"ckpt={path}", f"pair=[{files['fixed']},{files['moving']}]", f"out={out}"], capsys
+    )
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {path}: refused: reading it would run code")
+    assert not marker.exists() and not out.exists()
 
 
 def test_existing_output_is_refused_untouched_unless_overwrite(checkpoint, files, tmp_path, capsys):

@@ -13,13 +13,14 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from unsafe_pickle import write_malicious_checkpoint
 
 from regnet.cli.config import CONFIG_DIR_ENV, config_dir
 from regnet.cli.train import train
 from regnet.losses import DEFAULT_WEIGHTS
+from regnet.visualize import make_panel
 
 REPO = Path(__file__).resolve().parents[2]
-PANEL_TILES = 8  # tiles per panel row, see regnet.visualize.PANEL_TILES
 
 
 def compose_train(tmp_path: Path, *overrides: str):
@@ -34,6 +35,13 @@ def panel_images(run_dir: Path) -> list:
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     return events.Images("val/panel") if "val/panel" in events.Tags()["images"] else []
+
+
+def panel_size(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(height, width) of the overview panel of images of this spatial shape, no affine."""
+    image = torch.zeros(1, *shape)
+    panel = make_panel(image, image, image, torch.zeros(len(shape), *shape))
+    return tuple(panel.image.shape[1:])
 
 
 def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -104,7 +112,7 @@ def test_every_model_and_supervision_trains(tmp_path, model, loss):
     best = Path(trainer.checkpoint_callback.best_model_path)
     assert best.parent == tmp_path / "checkpoints" and best.is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["config"]["model"]["ndim"] == 2
     assert checkpoint["hyper_parameters"]["config"]["loss"] == loss
     assert "regnet_version" in checkpoint
@@ -114,8 +122,7 @@ def test_3d_run_draws_three_plane_panel(tmp_path):
     trainer = train(compose_train(tmp_path, "experiment=debug3d", "model=voxelmorph_diff"))
     assert trainer.global_step == 5
     (image,) = panel_images(tmp_path)
-    side = 16
-    assert (image.height, image.width) == (3 * (side + 2) + 2, PANEL_TILES * (side + 2) + 2)
+    assert (image.height, image.width) == panel_size((16, 16, 16))
 
 
 class StartState(Callback):
@@ -132,7 +139,7 @@ def test_resume_restores_step_and_optimizer(tmp_path):
     first = train(compose_train(tmp_path / "a", *epoch, "trainer.max_epochs=1"))
     assert first.global_step == 3
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, map_location="cpu", weights_only=False)["optimizer_states"][0]
+    saved = torch.load(last, map_location="cpu", weights_only=True)["optimizer_states"][0]
 
     start = StartState()
     resumed = train(
@@ -149,6 +156,18 @@ def test_resume_restores_step_and_optimizer(tmp_path):
         torch.testing.assert_close(state[key]["exp_avg_sq"], param_state["exp_avg_sq"])
 
 
+def test_resume_from_a_checkpoint_carrying_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    sent = write_malicious_checkpoint(tmp_path / "sent.ckpt", marker)
+    run_dir = tmp_path / "run"
+    result = run_cli("experiment=debug", f"ckpt_path={sent}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {sent}: refused: reading it would run code")
+    assert result.stderr.count("\n") == 1
+    assert not marker.exists()
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+
+
 def test_last_checkpoint_holds_the_final_step(tmp_path):
     """last.ckpt is the latest state (for resuming), also after a partial last epoch and when
     the best checkpoint is an earlier one."""
@@ -158,9 +177,7 @@ def test_last_checkpoint_holds_the_final_step(tmp_path):
         )
     )
     assert trainer.global_step == 4
-    last = torch.load(
-        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 4
     best = sorted((tmp_path / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1
@@ -177,7 +194,7 @@ def test_command_line_run_writes_one_run_directory(tmp_path):
     assert config.model.ndim == 2
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     (image,) = panel_images(run_dir)
-    assert (image.height, image.width) == (32 + 4, PANEL_TILES * (32 + 2) + 2)
+    assert (image.height, image.width) == panel_size((32, 32))
 
 
 def write_unlabelled_folder(root: Path, count: int = 3, size: int = 16) -> None:
@@ -233,7 +250,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert "distributed_backend=gloo" in output
     assert "Starting with 2 processes" in output
     checkpoint = torch.load(
-        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
     assert checkpoint["global_step"] == 2
 
