@@ -194,7 +194,7 @@ def test_one_voxel_label_shift_gives_the_numpy_dice(tmp_path: Path) -> None:
     [
         ("missing", "file not found"),
         ("text", "not a readable image"),
-        ("4d", "expected a 3D volume"),
+        ("4d", "expected a 2D or 3D image"),
         ("nan", "NaN or Inf"),
         ("float_labels", "non-integer values"),
         ("label_grid", "label grid"),

@@ -127,17 +127,39 @@ class PairSpec:
         return load_pair_inputs(self.fixed, self.moving, self.labels, self.landmarks)
 
     def check_files(self) -> None:
-        """Cheap check before any work: every file named exists (``DataError`` otherwise)."""
-        paths = [self.fixed, self.moving, *(self.labels or ())]
-        paths += [p for p in self.landmarks or () if isinstance(p, Path)]
-        for path in paths:
+        """Cheap check before any work: every file named exists, images may be DICOM series
+        folders (``DataError`` otherwise)."""
+        for path in [self.fixed, self.moving, *(self.labels or ())]:
+            if not path.is_file() and not path.is_dir():
+                raise DataError(f"{path}: file not found")
+        for path in [p for p in self.landmarks or () if isinstance(p, Path)]:
             if not path.is_file():
                 raise DataError(f"{path}: file not found")
 
 
+IMAGE_SUFFIXES = (
+    ".nii.gz",
+    ".nii",
+    ".mgz",
+    ".mgh",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".bmp",
+    ".dcm",
+)
+"""File endings left out of output folder names."""
+
+
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in (".nii.gz", ".nii", ".mgz", ".nrrd", ".mha"):
+    for suffix in IMAGE_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break

@@ -337,7 +337,7 @@ def test_load_reads_dispvect_files_as_ras(tmp_path):
 def test_saving_bad_field_or_affine_names_the_file(tmp_path):
     path = tmp_path / "field.nii.gz"
     with pytest.raises(ValueError, match="field.nii.gz"):
-        save_itk_displacement(path, torch.zeros(1, 2, 4, 4), np.eye(4))
+        save_itk_displacement(path, torch.zeros(1, 2, 4, 4, 4), np.eye(4))
     with pytest.raises(ValueError, match="field.nii.gz"):
         save_itk_displacement(path, torch.zeros(1, 3, 4, 4, 4), np.eye(3))
     with pytest.raises(ValueError, match="field.nii.gz"):
