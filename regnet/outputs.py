@@ -29,7 +29,8 @@ and qform (codes and other header fields copied from the fixed file where it is 
 
 Every input format of :mod:`regnet.data.io` gives these NIfTI outputs (2D images: 2D NIfTI
 images, fields ``(X, Y, 1, 1, 2)``); ITK reads them back with the origin, spacing and direction
-it reads from the fixed file.
+it reads from the fixed file. For 2D pairs ITK applies ``itk_warp.nii.gz``; it misreads the
+components of a 2D ``disp_mm.nii.gz`` (see :func:`regnet.spatial.world.save_displacement_nifti`).
 
 Safety: :func:`check_output_dir` refuses a folder that already holds files unless ``overwrite``;
 :func:`staged_output` writes into a temporary sibling folder and moves the files into place only

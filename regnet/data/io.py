@@ -12,8 +12,8 @@ Conventions (used by :mod:`regnet.data.preprocess`, :mod:`regnet.data.layouts` a
   of SimpleITK's ``GetArrayFromImage`` (which is ``(k, j, i)``). ITK's LPS origin, spacing and
   direction cosines (oblique included) are kept exactly
   (:func:`regnet.spatial.world.itk_geometry_to_affine`); a 2D image lies in the plane ``z = 0``
-  unless its NIfTI affine says otherwise. RGB images are read as their luminance; other
-  multi-component images are refused.
+  unless its NIfTI affine says otherwise. RGB images are read as their luminance
+  (:data:`RGB_LUMINANCE`); other multi-component images are refused.
 * Headers are read without voxel data (nibabel's lazy proxy; SimpleITK's
   ``ReadImageInformation``; a DICOM series is read in full), so a dataset can validate every row
   cheaply when it is built.
@@ -39,6 +39,9 @@ from regnet.spatial.world import itk_geometry_to_affine
 
 NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 """File endings read with nibabel; every other image goes through SimpleITK."""
+
+RGB_LUMINANCE = np.array([0.299, 0.587, 0.114])
+"""Weights of R, G, B in the luminance an RGB image is read as (ITU-R BT.601)."""
 
 
 class DataError(ValueError):
@@ -154,15 +157,15 @@ def read_image(path: str | Path) -> ImageFile:
     except RuntimeError as error:
         raise DataError(f"{path}: not a readable image ({_first_line(error)})") from None
     components = image.GetNumberOfComponentsPerPixel()
-    if components == 3:
-        image = sitk.RGBToLuminance(image)
-    elif components != 1:
+    if components not in (1, 3):
         raise DataError(
             f"{path}: has {components} components per voxel; expected a scalar or RGB image"
         )
     affine = _itk_affine(image, path)
-    array = sitk.GetArrayFromImage(image).transpose()  # (k, j, i) -> (i, j, k)
-    return ImageFile(path, np.ascontiguousarray(array), affine, None)
+    array = sitk.GetArrayFromImage(image)  # (k, j, i[, component])
+    if components == 3:
+        array = array @ RGB_LUMINANCE
+    return ImageFile(path, np.ascontiguousarray(array.transpose()), affine, None)
 
 
 def same_grid(a: ImageHeader, b: ImageHeader, atol: float = 1e-3) -> bool:

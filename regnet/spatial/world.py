@@ -387,8 +387,9 @@ def save_displacement_nifti(path: str | os.PathLike, disp_mm: ArrayLike, affine:
     The file is a ``(X, Y, Z, 1, 3)`` NIfTI image (2D: ``(X, Y, 1, 1, 2)``) with intent
     ``NIFTI_INTENT_DISPVECT`` (1006), the fixed image's affine as sform and qform (code 1).
     Viewers and nibabel read the vectors as RAS; ITK ≥ 5.4 (SimpleITK) converts 1006 components
-    RAS→LPS itself, so the file also resamples correctly there. Older ITK/ANTs need
-    :func:`save_itk_displacement`.
+    RAS→LPS itself, so a 3D file also resamples correctly there; it converts 2D files wrongly
+    (it negates the first two of every three stored values, measured with SimpleITK 2.5 / ITK
+    5.4). Older ITK/ANTs, and ITK for 2D fields, need :func:`save_itk_displacement`.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file.
