@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from regnet.cli.config import config_dir
-from regnet.data.io import DataError, read_pair_list
+from regnet.data.io import IMAGE_SUFFIXES, DataError, read_pair_list
 from regnet.outputs import OutputExistsError
 from regnet.pipeline import PairInputs, load_pair_inputs
 
@@ -135,26 +135,6 @@ class PairSpec:
         for path in [p for p in self.landmarks or () if isinstance(p, Path)]:
             if not path.is_file():
                 raise DataError(f"{path}: file not found")
-
-
-IMAGE_SUFFIXES = (
-    ".nii.gz",
-    ".nii",
-    ".mgz",
-    ".mgh",
-    ".nrrd",
-    ".nhdr",
-    ".mha",
-    ".mhd",
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".tif",
-    ".tiff",
-    ".bmp",
-    ".dcm",
-)
-"""File endings left out of output folder names."""
 
 
 def _stem(path: Path) -> str:

@@ -40,6 +40,25 @@ from regnet.spatial.world import itk_geometry_to_affine
 NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 """File endings read with nibabel; every other image goes through SimpleITK."""
 
+IMAGE_SUFFIXES = (
+    ".nii.gz",
+    ".nii",
+    ".mgz",
+    ".mgh",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".bmp",
+)
+"""File endings of image files (folders of images are searched for these; output names drop
+them). A DICOM series is given as its folder."""
+
 RGB_LUMINANCE = np.array([0.299, 0.587, 0.114])
 """Weights of R, G, B in the luminance an RGB image is read as (ITU-R BT.601)."""
 
