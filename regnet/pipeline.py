@@ -190,7 +190,7 @@ def load_pair_inputs(
     fixed_points = moving_points = landmark_paths = None
     if landmarks is not None:
         if fixed_volume.ndim != LANDMARK_NDIM:
-            raise DataError(f"{landmarks[0]}: landmarks need 3D images; {fixed} is 2D")
+            raise DataError(f"{fixed_volume.path}: is 2D; landmarks need 3D images")
         fixed_points = _landmarks(landmarks[0], fixed_volume.affine)
         moving_points = _landmarks(landmarks[1], moving_volume.affine)
         names = [str(p) if isinstance(p, (str, Path)) else "moving landmarks" for p in landmarks]
