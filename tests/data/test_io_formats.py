@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -187,3 +188,20 @@ def test_itk_geometry_round_trips_through_the_ras_affine(ndim):
     np.testing.assert_allclose(origin, reference.GetOrigin(), atol=1e-12)
     np.testing.assert_allclose(spacing, reference.GetSpacing(), atol=1e-12)
     np.testing.assert_allclose(direction, reference.GetDirection(), atol=1e-12)
+
+
+def test_nifti_and_its_metaimage_copy_read_alike(tmp_path):
+    """nibabel (NIfTI) and SimpleITK (MetaImage written by ITK from that NIfTI) give one
+    array and one affine: both readers follow the same convention."""
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ OBLIQUE @ np.diag(SPACING)
+    affine[:3, 3] = (4.0, -6.0, 9.5)
+    data = np.arange(9 * 8 * 6, dtype=np.float32).reshape(9, 8, 6)
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    nib.save(image, tmp_path / "image.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "image.nii.gz")), str(tmp_path / "image.mha"))
+    from_nifti, from_mha = read_image(tmp_path / "image.nii.gz"), read_image(tmp_path / "image.mha")
+    np.testing.assert_array_equal(from_nifti.array, from_mha.array)
+    np.testing.assert_allclose(from_nifti.affine, from_mha.affine, atol=1e-5)
+    np.testing.assert_allclose(from_nifti.affine, affine, atol=1e-5)
