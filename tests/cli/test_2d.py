@@ -121,6 +121,11 @@ def test_predict_on_oblique_2d_nifti_matches_simpleitk(checkpoint, tmp_path, cap
     ours = sitk.GetArrayFromImage(warped).T
     inner = (slice(4, -4), slice(4, -4))
     np.testing.assert_allclose(ours[inner], itk_warped[inner], atol=1e-3)
+    # float input: warped.png spans the moving image's min..max as 0..255
+    moving_values = nib.load(tmp_path / "m.nii.gz").get_fdata()
+    low, high = moving_values.min(), moving_values.max()
+    expected = np.clip(np.round((ours - low) * 255 / (high - low)), 0, 255)
+    np.testing.assert_array_equal(pixels(out / "warped.png"), expected)
 
 
 def test_dimension_mismatches_give_one_line_and_write_nothing(checkpoint, tmp_path, capsys):
