@@ -25,6 +25,15 @@ and qform (codes and other header fields copied from the fixed file where it is 
     differences, checkerboard, deformed grid and Jacobian determinant, each image windowed on its
     own intensities (:func:`regnet.visualize.make_panel`), moving and warped shown on the fixed
     grid.
+``warped.png``
+    2D pairs only: the warped image as a picture with the fixed image's pixel layout (column =
+    array axis ``i``, row = ``j``, as SimpleITK writes a 2D image), see :func:`save_png`. The
+    NIfTI files hold the geometry; a PNG has none.
+
+Every input format of :mod:`regnet.data.io` gives these NIfTI outputs (2D images: 2D NIfTI
+images, fields ``(X, Y, 1, 1, 2)``); ITK reads them back with the origin, spacing and direction
+it reads from the fixed file. For 2D pairs ITK applies ``itk_warp.nii.gz``; it misreads the
+components of a 2D ``disp_mm.nii.gz`` (see :func:`regnet.spatial.world.save_displacement_nifti`).
 
 Safety: :func:`check_output_dir` refuses a folder that already holds files unless ``overwrite``;
 :func:`staged_output` writes into a temporary sibling folder and moves the files into place only
@@ -47,6 +56,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 import torch
 from PIL import Image
 
@@ -68,6 +78,7 @@ OUTPUT_FILES = {
     "jacdet": "jacdet.nii.gz",
     "metrics": "metrics.json",
     "overview": "overview.png",
+    "warped_png": "warped.png",
 }
 """Output file name by role."""
 
@@ -144,6 +155,24 @@ def save_like_fixed(path: str | Path, data: np.ndarray, fixed: Volume) -> Path:
     image.set_sform(fixed.affine, code=sform_code)
     image.set_qform(fixed.affine, code=qform_code)
     nib.save(image, str(path))
+    return Path(path)
+
+
+def save_png(path: str | Path, data: np.ndarray, moving: Volume) -> Path:
+    """Save a 2D image ``(I, J)`` as a PNG with SimpleITK (pixel column ``i``, row ``j``).
+
+    A moving image stored as ``uint8`` or ``uint16`` keeps its type and intensities (rounded,
+    clipped to the type's range); any other is scaled linearly from its own min..max to 0..255.
+    """
+    data = np.asarray(data, np.float64)
+    if moving.dtype in (np.uint8, np.uint16):
+        dtype = moving.dtype
+    else:
+        low, high = float(moving.data.min()), float(moving.data.max())
+        data = (data - low) * (255.0 / max(high - low, 1e-12))
+        dtype = np.dtype(np.uint8)
+    pixels = np.clip(np.round(data), 0, np.iinfo(dtype).max).astype(dtype)
+    sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(pixels.T)), str(path))
     return Path(path)
 
 
@@ -261,6 +290,10 @@ def write_registration(
             writes.append(
                 lambda: save_like_fixed(labels_path, labels.astype(label_dtype(labels)), fixed)
             )
+        if fixed.ndim == 2:
+            png_path = target("warped_png")
+            png_data = result.warped[0, 0].numpy()
+            writes.append(lambda: save_png(png_path, png_data, inputs.moving))
         if overview:
             overview_path = target("overview")
             writes.append(lambda: save_image(overview_image(inputs, result), overview_path))

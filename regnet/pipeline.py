@@ -7,7 +7,7 @@ grid** ``F`` (its affine ``A_F``, any orientation, spacing and size). This modul
 1. :func:`load_pair_inputs` reads and checks the original files (images, label maps, landmark
    CSVs) as :class:`Volume` objects and landmark arrays.
 2. The estimate becomes a :class:`GridField`: a backward world displacement ``disp_mm``
-   ``(1, 3, *S)`` in mm, RAS components, on a grid with a known affine (conventions of
+   ``(1, ndim, *S)`` in mm, RAS components, on a grid with a known affine (conventions of
    :mod:`regnet.spatial.world`): the fixed point at world ``p`` corresponds to the moving point
    ``p + disp_mm(p)``. :func:`network_field_to_world` builds it from a network's voxel DDF.
 3. :func:`complete_registration` resamples that field once onto ``F``
@@ -15,11 +15,14 @@ grid** ``F`` (its affine ``A_F``, any orientation, spacing and size). This modul
    (nearest) with it, resampling each once, computes the Jacobian determinant and the metrics,
    and returns a :class:`RegistrationResult`.
 
-Landmarks (``(N, 3)`` RAS mm) are mapped through the field on the grid it was estimated on
-(:func:`map_points`: fixed landmark ``p`` goes to ``p + disp_mm(p)``) and compared with the moving
-landmarks (TRE).
+Landmarks (``(N, 3)`` RAS mm, 3D images only) are mapped through the field on the grid it was
+estimated on (:func:`map_points`: fixed landmark ``p`` goes to ``p + disp_mm(p)``) and compared
+with the moving landmarks (TRE).
 
-Only 3D images are handled here (ITK/ANTs files and NIfTI vector images are 3D).
+2D and 3D images are handled alike (``ndim`` 2 or 3; both images of a pair have the same). Files
+are read by :func:`regnet.data.io.read_image` (every format ITK reads); a 2D image's affine is
+``(4, 4)`` whose rows/columns 0, 1 and 3 are its in-plane part (:mod:`regnet.spatial.world`), and
+its world vectors have components ``(x, y)`` RAS.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from torch import nn
 
 from regnet import __version__
 from regnet.checkpoint import read_checkpoint
-from regnet.data.io import DataError, read_landmarks
+from regnet.data.io import DataError, read_header, read_image, read_landmarks
 from regnet.data.validate import check_image_content, check_overlap
 from regnet.metrics import dice_per_label, hd95, jacobian_stats, tre
 from regnet.spatial import jacobian_determinant, sample
 from regnet.spatial.world import (
+    GRID_AXES,
     ddf_to_world,
     resample_world_field,
     warp_world,
@@ -50,7 +54,7 @@ from regnet.spatial.world import (
     world_to_ddf,
 )
 
-NDIM = 3
+LANDMARK_NDIM = 3
 
 
 @dataclass(frozen=True)
@@ -58,52 +62,55 @@ class Volume:
     """An image as stored on disk.
 
     Attributes:
-        path: the file.
-        data: ``(1, 1, I, J, K)`` on the CPU, nibabel array axis order; float32 for images,
-            int64 for label maps.
+        path: the file (or DICOM series folder).
+        data: ``(1, 1, *S)`` on the CPU, ``S = (I, J[, K])`` in nibabel array axis order
+            (:mod:`regnet.data.io`); float32 for images, int64 for label maps.
         affine: ``(4, 4)`` float64 voxel -> RAS mm affine of the file.
         header: the file's NIfTI header (``None`` for other formats), reused for outputs.
+        dtype: the voxel type stored in the file (e.g. ``uint8`` for an 8-bit PNG).
     """
 
     path: Path
     data: torch.Tensor
     affine: np.ndarray
     header: nib.Nifti1Header | None
+    dtype: np.dtype = np.dtype(np.float32)
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        """Spatial shape ``(I, J, K)``."""
+    def ndim(self) -> int:
+        """2 or 3."""
+        return self.data.dim() - 2
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape ``(I, J[, K])``."""
         return tuple(self.data.shape[2:])
 
     @property
-    def spacing(self) -> tuple[float, float, float]:
+    def spacing(self) -> tuple[float, ...]:
         """Voxel size in mm along each array axis (lengths of the affine's columns)."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, : self.ndim], axis=0))
 
 
 def load_volume(path: str | Path, labels: bool = False) -> Volume:
-    """Read a 3D image (or integer label map with ``labels=True``) with its affine.
+    """Read a 2D or 3D image (or integer label map with ``labels=True``) with its affine, in
+    any format of :mod:`regnet.data.io`.
 
     Raises:
-        DataError: ``<path>: <problem>`` if the file is missing, not a readable image, not 3D,
-            holds NaN/Inf voxels, has a singular affine, or (labels) holds non-integer values.
+        DataError: ``<path>: <problem>`` if the file is missing, not a readable image, neither
+            2D nor 3D, holds NaN/Inf voxels, has a singular affine, or (labels) holds
+            non-integer values.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        image = nib.load(str(path))
-        shape = tuple(int(n) for n in image.shape)
-    except Exception as error:  # nibabel raises many unrelated types for non-image files
-        raise DataError(f"{path}: not a readable image ({type(error).__name__})") from None
-    if len(shape) != NDIM:
-        raise DataError(f"{path}: is {len(shape)}D with shape {shape}; expected a 3D volume")
-    affine = np.asarray(image.affine, dtype=np.float64)
+    image = read_image(path)
+    path, shape = image.path, image.array.shape
+    if len(shape) not in (2, 3):
+        raise DataError(f"{path}: is {len(shape)}D with shape {shape}; expected a 2D or 3D image")
+    affine = image.affine
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise DataError(f"{path}: voxel-to-world affine is singular or not finite")
     try:
-        array = np.asarray(image.dataobj, dtype=np.float64 if labels else np.float32)
-    except Exception as error:
+        array = np.asarray(image.array, dtype=np.float64 if labels else np.float32)
+    except (TypeError, ValueError) as error:
         raise DataError(f"{path}: voxel data cannot be read ({type(error).__name__})") from None
     if not np.isfinite(array).all():
         raise DataError(f"{path}: contains NaN or Inf voxels")
@@ -113,8 +120,7 @@ def load_volume(path: str | Path, labels: bool = False) -> Volume:
         tensor = torch.from_numpy(array.astype(np.int64))
     else:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
-    header = image.header if isinstance(image, nib.Nifti1Image) else None
-    return Volume(path, tensor[None, None], affine, header)
+    return Volume(path, tensor[None, None], affine, image.nifti_header, image.array.dtype)
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,7 @@ def _landmarks(source: str | Path | np.ndarray | torch.Tensor, affine: np.ndarra
     if isinstance(source, (str, Path)):
         return read_landmarks(source, affine)
     points = np.asarray(source.cpu() if isinstance(source, torch.Tensor) else source, np.float64)
-    if points.ndim != 2 or points.shape[1] != NDIM:
+    if points.ndim != 2 or points.shape[1] != LANDMARK_NDIM:
         raise DataError(f"landmarks: expected (N, 3) RAS mm points, got shape {points.shape}")
     return points
 
@@ -164,10 +170,10 @@ def load_pair_inputs(
     labels: Sequence[str | Path] | None = None,
     landmarks: Sequence[str | Path | np.ndarray] | None = None,
 ) -> PairInputs:
-    """Read and check a pair: images, optional ``labels=(fixed, moving)`` label maps (each on its
-    image's grid) and ``landmarks=(fixed, moving)``, CSV files (see
-    :func:`regnet.data.io.read_landmarks`) or ``(N, 3)`` RAS mm arrays, with the same number of
-    points, corresponding row by row.
+    """Read and check a pair: images (both 2D or both 3D), optional ``labels=(fixed, moving)``
+    label maps (each on its image's grid) and, for 3D images, ``landmarks=(fixed, moving)``, CSV
+    files (see :func:`regnet.data.io.read_landmarks`) or ``(N, 3)`` RAS mm arrays, with the same
+    number of points, corresponding row by row.
 
     Both images must hold voxels, not be constant, and their fields of view must overlap in
     world space (:mod:`regnet.data.validate`).
@@ -176,6 +182,11 @@ def load_pair_inputs(
         DataError: one line naming the offending file.
     """
     fixed_volume, moving_volume = load_volume(fixed), load_volume(moving)
+    if moving_volume.ndim != fixed_volume.ndim:
+        raise DataError(
+            f"{moving_volume.path}: is {moving_volume.ndim}D, the fixed image "
+            f"{fixed_volume.path} is {fixed_volume.ndim}D; both must have the same dimension"
+        )
     for volume in (fixed_volume, moving_volume):
         check_image_content(volume.path, volume.data)
     check_overlap(
@@ -193,6 +204,8 @@ def load_pair_inputs(
         _check_same_grid(moving_labels, moving_volume)
     fixed_points = moving_points = landmark_paths = None
     if landmarks is not None:
+        if fixed_volume.ndim != LANDMARK_NDIM:
+            raise DataError(f"{fixed_volume.path}: is 2D; landmarks need 3D images")
         fixed_points = _landmarks(landmarks[0], fixed_volume.affine)
         moving_points = _landmarks(landmarks[1], moving_volume.affine)
         names = [str(p) if isinstance(p, (str, Path)) else "moving landmarks" for p in landmarks]
@@ -216,7 +229,7 @@ def load_pair_inputs(
 
 @dataclass(frozen=True)
 class GridField:
-    """A backward world displacement on a grid: ``disp_mm`` ``(1, 3, I, J, K)`` mm, RAS
+    """A backward world displacement on a grid: ``disp_mm`` ``(1, ndim, *S)`` mm, RAS
     components, and the grid's ``(4, 4)`` voxel -> RAS ``affine``. Fixed world point ``p``
     corresponds to moving world point ``p + disp_mm(p)``."""
 
@@ -224,13 +237,13 @@ class GridField:
     affine: np.ndarray
 
     @property
-    def shape(self) -> tuple[int, int, int]:
+    def shape(self) -> tuple[int, ...]:
         return tuple(self.disp_mm.shape[2:])
 
     @classmethod
     def zeros(cls, shape: Sequence[int], affine: np.ndarray) -> GridField:
-        """The identity transform on a grid."""
-        return cls(torch.zeros(1, NDIM, *shape), np.asarray(affine, np.float64))
+        """The identity transform on a grid of ``len(shape)`` dimensions."""
+        return cls(torch.zeros(1, len(shape), *shape), np.asarray(affine, np.float64))
 
 
 def network_field_to_world(
@@ -240,25 +253,29 @@ def network_field_to_world(
 
     The network maps fixed-grid voxel ``x`` to moving-grid voxel ``x + u(x)``, i.e. world point
     ``A_f x`` to ``A_m (x + u(x))`` (see :func:`regnet.data.preprocess.pair_item`), so
-    ``disp_mm(x) = A_m[:3, :3] u(x) + (A_m - A_f) (x, 1)``. When both grids coincide this is
+    ``disp_mm(x) = A_m[:n, :n] u(x) + (A_m - A_f) (x, 1)`` (``n = ndim``; for 2D the affines'
+    in-plane rows/columns 0, 1, 3). When both grids coincide this is
     :func:`regnet.spatial.world.ddf_to_world`.
 
     Args:
-        ddf: ``(1, 3, *S)`` voxels of the fixed network grid, tensor axis order.
+        ddf: ``(1, ndim, *S)`` voxels of the fixed network grid, tensor axis order.
         fixed_grid_affine, moving_grid_affine: ``(4, 4)`` voxel -> RAS affines of the two
             preprocessed network grids (same shape ``S``).
 
     Returns:
         :class:`GridField` on the fixed network grid (float32, on ``ddf``'s device).
     """
+    ndim = ddf.shape[1]
     fixed_affine = np.asarray(fixed_grid_affine, np.float64).reshape(4, 4)
     moving_affine = np.asarray(moving_grid_affine, np.float64).reshape(4, 4)
     disp = ddf_to_world(ddf.float(), moving_affine)
-    offset = torch.from_numpy(moving_affine - fixed_affine)[:3].to(ddf.device)
+    keep = GRID_AXES[ndim]
+    offset = torch.from_numpy(moving_affine - fixed_affine)[keep][:, keep][:ndim].to(ddf.device)
     if offset.abs().max() > 0:
         axes = [torch.arange(n, dtype=torch.float64, device=ddf.device) for n in ddf.shape[2:]]
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (3, *S) voxel indices
-        shift = torch.einsum("ij,j...->i...", offset[:, :3], grid) + offset[:, 3, None, None, None]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (ndim, *S) voxel indices
+        shift = torch.einsum("ij,j...->i...", offset[:, :ndim], grid)
+        shift = shift + offset[:, ndim].view(ndim, *([1] * ndim))
         disp = disp + shift[None].to(disp.dtype)
     return GridField(disp, fixed_affine)
 
@@ -289,12 +306,12 @@ def map_points(points_mm: np.ndarray, grid_field: GridField) -> np.ndarray:
     Returns:
         ``(N, 3)`` float64 RAS mm: the corresponding moving-space points.
     """
-    points = np.asarray(points_mm, np.float64).reshape(-1, NDIM)
+    points = np.asarray(points_mm, np.float64).reshape(-1, LANDMARK_NDIM)
     voxels = world_points_to_voxel(points, grid_field.affine)  # (N, 3)
-    coords = torch.from_numpy(voxels).T.reshape(1, NDIM, -1, 1, 1)
+    coords = torch.from_numpy(voxels).T.reshape(1, LANDMARK_NDIM, -1, 1, 1)
     disp = grid_field.disp_mm.double()
     sampled = sample(disp, coords.to(disp.device), mode="linear", padding="border")
-    return points + sampled.reshape(NDIM, -1).T.cpu().numpy()
+    return points + sampled.reshape(LANDMARK_NDIM, -1).T.cpu().numpy()
 
 
 @dataclass
@@ -302,7 +319,8 @@ class RegistrationResult:
     """A registration on the fixed image's grid ``F`` (tensors on the CPU).
 
     Attributes:
-        field: the transform on ``F`` (``disp_mm`` ``(1, 3, *S_F)`` float32, mm RAS, backward).
+        field: the transform on ``F`` (``disp_mm`` ``(1, ndim, *S_F)`` float32, mm RAS,
+            backward).
         warped: ``(1, 1, *S_F)`` float32, the original moving image resampled once (linear).
         warped_labels: ``(1, 1, *S_F)`` int64 (nearest), when the pair has label maps.
         jacobian: ``(*S_F)`` float32, ``det`` of the transform's Jacobian (unitless; ``<= 0``
@@ -428,14 +446,16 @@ class Stopwatch:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Network-grid preprocessing (see :mod:`regnet.data.preprocess`): resample to ``spacing``
-    mm (``None``: keep each file's), crop/pad to ``shape`` voxels (``None``: keep) about the
-    grid's or the foreground's ``centre``, scale intensities between ``percentiles`` to [0, 1]."""
+    """Network-grid preprocessing (see :mod:`regnet.data.preprocess`) of ``ndim``-D images:
+    resample to ``spacing`` mm (``None``: keep each file's), crop/pad to ``shape`` voxels
+    (``None``: keep) about the grid's or the foreground's ``centre``, scale intensities between
+    ``percentiles`` to [0, 1]."""
 
     spacing: tuple[float, ...] | None
     shape: tuple[int, ...] | None
     percentiles: tuple[float, float] = (1.0, 99.0)
     centre: str = "grid"
+    ndim: int = 3
 
     def apply(self, inputs: PairInputs) -> dict[str, Any]:
         """Preprocess the pair's images (:func:`regnet.data.preprocess.load_pair`): ``fixed``,
@@ -446,7 +466,7 @@ class Preprocessing:
         return load_pair(
             inputs.fixed.path,
             inputs.moving.path,
-            ndim=NDIM,
+            ndim=self.ndim,
             spacing=None if self.spacing is None else list(self.spacing),
             shape=None if self.shape is None else list(self.shape),
             percentiles=self.percentiles,
@@ -463,8 +483,9 @@ def _setting(data: Mapping[str, Any], key: str) -> Any:
     return None
 
 
-def preprocessing_from_config(config: Mapping[str, Any]) -> Preprocessing:
-    """The :class:`Preprocessing` of a resolved training config (its ``data`` section).
+def preprocessing_from_config(config: Mapping[str, Any], ndim: int = 3) -> Preprocessing:
+    """The :class:`Preprocessing` of a resolved training config (its ``data`` section) for a
+    network of ``ndim`` dimensions.
 
     Synthetic data has no spacing: files are then kept at their own spacing (reoriented to RAS)
     and cropped/padded to the training ``shape``.
@@ -472,7 +493,7 @@ def preprocessing_from_config(config: Mapping[str, Any]) -> Preprocessing:
     data = config.get("data") or {}
     spacing = _setting(data, "spacing")
     if spacing is not None:
-        spacing = (float(spacing),) * NDIM if np.isscalar(spacing) else tuple(map(float, spacing))
+        spacing = (float(spacing),) * ndim if np.isscalar(spacing) else tuple(map(float, spacing))
     shape = _setting(data, "shape")
     percentiles = _setting(data, "percentiles") or (1.0, 99.0)
     return Preprocessing(
@@ -480,6 +501,7 @@ def preprocessing_from_config(config: Mapping[str, Any]) -> Preprocessing:
         None if shape is None else tuple(int(n) for n in shape),
         (float(percentiles[0]), float(percentiles[1])),
         str(_setting(data, "centre") or "grid"),
+        ndim,
     )
 
 
@@ -500,6 +522,21 @@ class Network:
     preprocessing: Preprocessing
     version: str
 
+    def check_images(self, *paths: str | Path) -> None:
+        """Check from their headers that the images have the network's dimension.
+
+        Raises:
+            DataError: ``<image>: is 3D; the checkpoint <path> holds a 2D model`` (or the
+                reverse) for the first image that does not.
+        """
+        ndim = self.preprocessing.ndim
+        for path in paths:
+            rank = len(read_header(path).shape)
+            if rank != ndim:
+                raise DataError(
+                    f"{path}: is {rank}D; the checkpoint {self.path} holds a {ndim}D model"
+                )
+
 
 def load_network(path: str | Path, device: torch.device | str = "cpu") -> Network:
     """Rebuild the network of a checkpoint written by ``regnet-train``.
@@ -512,8 +549,8 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> Networ
     Raises:
         DataError: ``<path>: <problem>`` for a missing or unreadable file, one that only
             arbitrary unpickling could read, a checkpoint that was not written by regnet-train,
-            one of an incompatible regnet version, a model that is not 3D, or weights that do
-            not fit the model.
+            one of an incompatible regnet version, a model that is neither 2D nor 3D, or weights
+            that do not fit the model.
     """
     path = Path(path)
     checkpoint = read_checkpoint(path)
@@ -534,8 +571,9 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> Networ
     except Exception as error:  # Hydra wraps every construction error
         problem = " ".join(str(error).split())[:300]
         raise DataError(f"{path}: its model config cannot be built ({problem})") from None
-    if getattr(model, "ndim", NDIM) != NDIM:
-        raise DataError(f"{path}: holds a {model.ndim}D model; only 3D volumes are supported")
+    ndim = int(getattr(model, "ndim", 3))
+    if ndim not in (2, 3):
+        raise DataError(f"{path}: holds a {ndim}D model; only 2D and 3D images are supported")
     prefix = "model."
     state = {
         key[len(prefix) :]: value
@@ -555,7 +593,7 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> Networ
         problem = " ".join(str(error).split())[:300]
         raise DataError(f"{path}: weights do not fit the model in its config ({problem})") from None
     model.eval().to(device)
-    return Network(path, model, dict(config), preprocessing_from_config(config), version)
+    return Network(path, model, dict(config), preprocessing_from_config(config, ndim), version)
 
 
 def _state_mismatch(model: nn.Module, state: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -579,7 +617,7 @@ def run_network(
     """The network's DDF for a preprocessed pair item (:meth:`Preprocessing.apply`).
 
     Runs under ``torch.inference_mode()``; ``bf16`` enables bfloat16 autocast for the network on
-    CUDA (ignored on the CPU). Returns ``(1, 3, *shape)`` float32 voxels of the fixed network
+    CUDA (ignored on the CPU). Returns ``(1, ndim, *shape)`` float32 voxels of the fixed network
     grid, on ``device``.
     """
     device = torch.device(device)

@@ -194,7 +194,7 @@ def test_one_voxel_label_shift_gives_the_numpy_dice(tmp_path: Path) -> None:
     [
         ("missing", "file not found"),
         ("text", "not a readable image"),
-        ("4d", "expected a 3D volume"),
+        ("4d", "expected a 2D or 3D image"),
         ("nan", "NaN or Inf"),
         ("float_labels", "non-integer values"),
         ("label_grid", "label grid"),
@@ -225,6 +225,20 @@ def test_bad_inputs_name_the_file(tmp_path: Path, case: str, problem: str) -> No
             load_volume(bad)
     message = str(error.value)
     assert message.startswith(str(bad)) and problem in message and "\n" not in message
+
+
+def test_2d_pairs_refuse_landmarks_and_3d_partners(tmp_path: Path) -> None:
+    plane = write(tmp_path / "plane.nii.gz", np.ones((6, 5), np.float32), FIXED_AFFINE)
+    volume = write(tmp_path / "volume.nii.gz", np.ones(FIXED_SHAPE, np.float32), FIXED_AFFINE)
+    points = tmp_path / "points.csv"
+    points.write_text("x,y,z\n1,2,3\n")
+    with pytest.raises(DataError, match=r"plane\.nii\.gz: is 2D; landmarks need 3D images"):
+        load_pair_inputs(plane, plane, landmarks=(points, points))
+    with pytest.raises(DataError, match=r"volume\.nii\.gz: is 3D, the fixed image .* is 2D"):
+        load_pair_inputs(plane, volume)
+    assert load_pair_inputs(plane, plane).fixed.spacing == pytest.approx(
+        tuple(np.linalg.norm(FIXED_AFFINE[:3, :2], axis=0))
+    )
 
 
 def test_preprocessing_is_rebuilt_from_the_training_data_config():

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from regnet.cli.config import config_dir
-from regnet.data.io import DataError, read_pair_list
+from regnet.data.io import IMAGE_SUFFIXES, DataError, read_pair_list
 from regnet.outputs import OutputExistsError
 from regnet.pipeline import PairInputs, load_pair_inputs
 
@@ -127,17 +127,19 @@ class PairSpec:
         return load_pair_inputs(self.fixed, self.moving, self.labels, self.landmarks)
 
     def check_files(self) -> None:
-        """Cheap check before any work: every file named exists (``DataError`` otherwise)."""
-        paths = [self.fixed, self.moving, *(self.labels or ())]
-        paths += [p for p in self.landmarks or () if isinstance(p, Path)]
-        for path in paths:
+        """Cheap check before any work: every file named exists, images may be DICOM series
+        folders (``DataError`` otherwise)."""
+        for path in [self.fixed, self.moving, *(self.labels or ())]:
+            if not path.is_file() and not path.is_dir():
+                raise DataError(f"{path}: file not found")
+        for path in [p for p in self.landmarks or () if isinstance(p, Path)]:
             if not path.is_file():
                 raise DataError(f"{path}: file not found")
 
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in (".nii.gz", ".nii", ".mgz", ".nrrd", ".mha"):
+    for suffix in IMAGE_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break

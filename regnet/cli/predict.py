@@ -6,12 +6,14 @@ Examples::
     python predict.py ckpt=model.ckpt pair=[f.nii.gz,m.nii.gz] labels=[fl.nii.gz,ml.nii.gz] \\
         landmarks=[f.csv,m.csv] refine.steps=10 device=cuda
     python predict.py ckpt=model.ckpt pairs=list.csv out=results   # one subfolder per row
+    python predict.py ckpt=model2d.ckpt pair=[fixed.png,moving.png] out=result   # 2D network
 
 The network and its preprocessing (spacing, shape, intensity percentiles) are rebuilt from the
 checkpoint's saved training config (``configs/predict.yaml`` ``preprocess.*`` overrides them).
 Both images are preprocessed onto network grids, the network's field is converted to mm and
 resampled onto the fixed image's own grid, and the original moving image and labels are warped
-once; outputs are those of :mod:`regnet.outputs`. Bad input ends with one line
+once; outputs are those of :mod:`regnet.outputs`. Images may be in any format of
+:mod:`regnet.data.io` and must have the network's dimension (2D or 3D). Bad input ends with one line
 ``error: <file>: <problem>`` and exit status 2 (:mod:`regnet.cli.common`).
 """
 
@@ -78,14 +80,16 @@ def pair_specs(cfg: DictConfig) -> list[tuple[PairSpec, Path]]:
 
 
 def apply_preprocess_overrides(network: Network, cfg: DictConfig) -> Network:
-    """Replace the checkpoint's spacing/shape by ``preprocess.spacing``/``shape`` when set."""
+    """Replace the checkpoint's spacing/shape by ``preprocess.spacing``/``shape`` when set (one
+    value per axis of the network, 2 or 3; a single number for every axis)."""
     overrides = {}
+    ndim = network.preprocessing.ndim
     for key in ("spacing", "shape"):
         value = cfg.preprocess.get(key)
         if value is not None:
-            values = OmegaConf.to_container(value) if OmegaConf.is_config(value) else [value] * 3
-            if len(values) != 3:
-                raise InputError(f"preprocess.{key}", f"needs 3 values, got {values}")
+            values = OmegaConf.to_container(value) if OmegaConf.is_config(value) else [value] * ndim
+            if len(values) != ndim:
+                raise InputError(f"preprocess.{key}", f"needs {ndim} values, got {values}")
             cast = float if key == "spacing" else int
             overrides[key] = tuple(cast(v) for v in values)
     if overrides:
@@ -200,6 +204,8 @@ def predict(cfg: DictConfig) -> list[Path]:
         spec.check_files()
         check_output_dir(out_dir, bool(cfg.overwrite))
     network = apply_preprocess_overrides(load_network(cfg.ckpt, device), cfg)
+    for spec, _ in jobs:
+        network.check_images(spec.fixed, spec.moving)
     written = []
     for spec, out_dir in jobs:
         inputs = spec.load()

@@ -4,6 +4,7 @@ Examples::
 
     python register.py fixed=f.nii.gz moving=m.nii.gz out=result            # affine then SVF
     python register.py fixed=f.nii.gz moving=m.nii.gz transform=rigid spacing=1
+    python register.py fixed=f.png moving=m.png spacing=null out=result       # 2D, any ITK format
     python register.py fixed=f.nii.gz moving=m.nii.gz transform=bspline loss=lncc+bending \\
         labels=[fl.nii.gz,ml.nii.gz] landmarks=[f.csv,m.csv] masks=[fm.nii.gz,mm.nii.gz]
 
@@ -57,18 +58,22 @@ from regnet.pipeline import (
 )
 from regnet.spatial import affine_to_ddf
 from regnet.spatial.smooth import gaussian_smooth
-from regnet.spatial.world import ddf_to_world, warp_world, world_points_to_voxel
+from regnet.spatial.world import GRID_AXES, ddf_to_world, warp_world, world_points_to_voxel
 
 
 def working_grid(fixed: Volume, spacing: float | None) -> tuple[np.ndarray, tuple[int, ...]]:
     """Affine ``(4, 4)`` and shape of the working grid: the fixed image's axes permuted and
-    flipped to the closest RAS orientation (as ``nibabel.as_closest_canonical``), resampled to
-    ``spacing`` mm (``None``: keep the fixed spacing) over the same extent, first voxel centre
-    kept (corner voxel centres of the fixed image stay on or within half a voxel of the grid)."""
-    orientation = nib.orientations.io_orientation(fixed.affine)
-    canonical = fixed.affine @ nib.orientations.inv_ornt_aff(orientation, fixed.shape)
+    flipped to the closest RAS orientation (as ``nibabel.as_closest_canonical``; 2D: within the
+    image plane), resampled to ``spacing`` mm (``None``: keep the fixed spacing) over the same
+    extent, first voxel centre kept (corner voxel centres of the fixed image stay on or within
+    half a voxel of the grid)."""
+    axes = np.ix_(GRID_AXES[fixed.ndim], GRID_AXES[fixed.ndim])
+    orientation = nib.orientations.io_orientation(fixed.affine[axes])
+    reorder = np.eye(4)
+    reorder[axes] = nib.orientations.inv_ornt_aff(orientation, fixed.shape)
+    canonical = fixed.affine @ reorder
     shape = [fixed.shape[int(axis)] for axis in orientation[:, 0]]
-    columns = canonical[:3, :3]
+    columns = canonical[:3, : fixed.ndim]
     old_spacing = np.linalg.norm(columns, axis=0)
     if spacing is None:
         return canonical, tuple(shape)
@@ -76,7 +81,7 @@ def working_grid(fixed: Volume, spacing: float | None) -> tuple[np.ndarray, tupl
         max(1, round((n - 1) * s / spacing) + 1) for n, s in zip(shape, old_spacing, strict=True)
     ]
     affine = canonical.copy()
-    affine[:3, :3] = columns / old_spacing * spacing
+    affine[:3, : fixed.ndim] = columns / old_spacing * spacing
     return affine, tuple(int(n) for n in new_shape)
 
 
@@ -94,10 +99,10 @@ def on_grid(
     outside its field of view. With ``anti_alias``, axes finer than the grid's spacing ``g`` are
     first smoothed by a Gaussian of FWHM ``sqrt(g^2 - s^2)`` mm (``s`` the axis spacing), so
     that noise and fine texture do not alias onto the coarser grid."""
-    zero = torch.zeros(1, 3, *shape, dtype=torch.float64)
+    zero = torch.zeros(1, volume.ndim, *shape, dtype=torch.float64)
     data = volume.data.to(torch.float64)
     if anti_alias:
-        target = float(np.linalg.norm(affine[:3, :3], axis=0).max())
+        target = float(np.linalg.norm(affine[:3, : volume.ndim], axis=0).max())
         sigmas = [
             math.sqrt(max(target**2 - s**2, 0.0)) / FWHM_PER_SIGMA / s for s in volume.spacing
         ]
@@ -189,7 +194,7 @@ def register_pair(
             affine_model=str(cfg.affine_model),
             affine_iterations=_tuple(cfg.affine_iterations, "affine_iterations"),
             affine_lr=None if cfg.affine_lr is None else float(cfg.affine_lr),
-            spacing=[float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+            spacing=[float(s) for s in np.linalg.norm(affine[:3, : len(shape)], axis=0)],
             windows=_tuple(cfg.windows, "windows"),
             smoothing=float(cfg.smoothing),
             control_spacing=float(cfg.control_spacing),
@@ -235,8 +240,9 @@ def register_pair(
     if check is not None:
         info["start_check"] = check.as_dict()
     if matrix is not None:
-        world = affine @ matrix[0].double().cpu().numpy() @ np.linalg.inv(affine)
-        info["affine_ras_mm"] = world.tolist()  # fixed world point -> moving world point
+        grid = affine[np.ix_(GRID_AXES[len(shape)], GRID_AXES[len(shape)])]
+        world = grid @ matrix[0].double().cpu().numpy() @ np.linalg.inv(grid)
+        info["affine_ras_mm"] = world.tolist()  # fixed world point -> moving world point (RAS)
     return complete_registration(inputs, GridField(disp, affine), seconds, **info)
 
 

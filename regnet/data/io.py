@@ -1,10 +1,22 @@
-"""Reading image headers, landmarks and dataset lists from disk.
+"""Reading images, image headers, landmarks and dataset lists from disk.
 
-Conventions (used by :mod:`regnet.data.preprocess` and :mod:`regnet.data.layouts`):
+Conventions (used by :mod:`regnet.data.preprocess`, :mod:`regnet.data.layouts` and
+:mod:`regnet.pipeline`):
 
-* Images are NIfTI (``.nii``/``.nii.gz``) or any format MONAI's ``LoadImage`` reads; the voxel
-  -> world affine is the file's (NIfTI: RAS+, millimetres). Headers are checked with nibabel
-  without reading voxel data, so a dataset can validate every row cheaply when it is built.
+* **Images** are 2D or 3D files in any format ITK reads: NIfTI (``.nii``, ``.nii.gz``) and MGH
+  (``.mgz``, ``.mgh``) through nibabel, everything else (MetaImage ``.mha``/``.mhd``, NRRD
+  ``.nrrd``/``.nhdr``, ``.png``, ``.jpg``, ``.tif``, ``.bmp``, a folder holding one DICOM series
+  ...) through SimpleITK. Every image comes with the 4x4 voxel -> world affine of regnet's
+  convention (:mod:`regnet.spatial.world`: RAS+, millimetres) and its voxels in **nibabel array
+  axis order** ``(i, j[, k])``: ``array[i, j, k]`` is ITK index ``(i, j, k)``, i.e. the transpose
+  of SimpleITK's ``GetArrayFromImage`` (which is ``(k, j, i)``). ITK's LPS origin, spacing and
+  direction cosines (oblique included) are kept exactly
+  (:func:`regnet.spatial.world.itk_geometry_to_affine`); a 2D image lies in the plane ``z = 0``
+  unless its NIfTI affine says otherwise. RGB images are read as their luminance
+  (:data:`RGB_LUMINANCE`); other multi-component images are refused.
+* Headers are read without voxel data (nibabel's lazy proxy; SimpleITK's
+  ``ReadImageInformation``; a DICOM series is read in full), so a dataset can validate every row
+  cheaply when it is built.
 * **Landmarks** are ``(N, 3)`` float64 points in **world millimetres, RAS+** (NIfTI convention;
   ITK/ANTs/Slicer LPS points need their x and y negated). A landmark CSV has a header row naming
   the columns ``x,y,z`` (other columns are ignored). A CSV without a header row is read as
@@ -21,6 +33,34 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
+
+from regnet.spatial.world import itk_geometry_to_affine
+
+NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
+"""File endings read with nibabel; every other image goes through SimpleITK."""
+
+IMAGE_SUFFIXES = (
+    ".nii.gz",
+    ".nii",
+    ".mgz",
+    ".mgh",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".bmp",
+)
+"""File endings of image files (folders of images are searched for these; output names drop
+them). A DICOM series is given as its folder."""
+
+RGB_LUMINANCE = np.array([0.299, 0.587, 0.114])
+"""Weights of R, G, B in the luminance an RGB image is read as (ITU-R BT.601)."""
 
 
 class DataError(ValueError):
@@ -37,22 +77,114 @@ class ImageHeader:
     affine: np.ndarray
 
 
+@dataclass(frozen=True)
+class ImageFile:
+    """An image read from disk: ``array`` (spatial, nibabel axis order, the file's dtype, or
+    float for scaled NIfTI data and RGB luminance), its 4x4 voxel->RAS ``affine`` (float64, mm)
+    and ``nifti_header`` (``None`` unless the file is NIfTI-1)."""
+
+    path: Path
+    array: np.ndarray
+    affine: np.ndarray
+    nifti_header: nib.Nifti1Header | None
+
+
+def _reads_with_nibabel(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(NIBABEL_SUFFIXES)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file() and not path.is_dir():
+        raise DataError(f"{path}: file not found")
+
+
+def _first_line(error: Exception) -> str:
+    """SimpleITK's multi-line exception text reduced to its last informative line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:200]
+
+
+def _dicom_series(folder: Path) -> list[str]:
+    """The files of the one DICOM series in ``folder``, in slice order (GDCM)."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise DataError(f"{folder}: folder holds no DICOM series")
+    if len(series) > 1:
+        raise DataError(
+            f"{folder}: folder holds {len(series)} DICOM series; give the folder of one"
+        )
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+
+
+def _itk_affine(image: sitk.Image | sitk.ImageFileReader, path: Path) -> np.ndarray:
+    try:
+        return itk_geometry_to_affine(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+    except ValueError:
+        raise DataError(f"{path}: is {image.GetDimension()}D; expected a 2D or 3D image") from None
+
+
 def read_header(path: str | Path) -> ImageHeader:
-    """Read an image's shape and affine without loading its voxels.
+    """Read an image's shape and affine without loading its voxels (module docstring).
 
     Raises :class:`DataError` naming the file if it is missing or not a readable image.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    _check_exists(path)
+    if _reads_with_nibabel(path):
+        try:
+            image = nib.load(str(path))
+        except Exception as error:  # nibabel raises several unrelated types for unreadable files
+            raise DataError(f"{path}: not a readable image ({error})") from error
+        affine = getattr(image, "affine", None)
+        if affine is None:
+            raise DataError(f"{path}: image has no voxel-to-world affine")
+        return ImageHeader(path, tuple(int(n) for n in image.shape), np.asarray(affine, np.float64))
+    if path.is_dir():
+        image = read_image(path)
+        return ImageHeader(path, image.array.shape, image.affine)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = nib.load(str(path))
-    except Exception as error:  # nibabel raises several unrelated types for unreadable files
-        raise DataError(f"{path}: not a readable image ({error})") from error
-    affine = getattr(image, "affine", None)
-    if affine is None:
-        raise DataError(f"{path}: image has no voxel-to-world affine")
-    return ImageHeader(path, tuple(int(n) for n in image.shape), np.asarray(affine, np.float64))
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise DataError(f"{path}: not a readable image ({_first_line(error)})") from None
+    return ImageHeader(path, tuple(int(n) for n in reader.GetSize()), _itk_affine(reader, path))
+
+
+def read_image(path: str | Path) -> ImageFile:
+    """Read an image's voxels and affine (module docstring: formats, axis order, geometry).
+
+    Raises:
+        DataError: ``<path>: <problem>`` for a missing file, a file no reader understands, a
+            folder without exactly one DICOM series, or a multi-component image other than RGB.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if _reads_with_nibabel(path):
+        try:
+            image = nib.load(str(path))
+            array = np.asarray(image.dataobj)
+        except Exception as error:  # nibabel raises many unrelated types for non-image files
+            raise DataError(f"{path}: not a readable image ({type(error).__name__})") from None
+        header = image.header if isinstance(image, nib.Nifti1Image) else None
+        return ImageFile(path, array, np.asarray(image.affine, np.float64), header)
+    try:
+        if path.is_dir():
+            image = sitk.ReadImage(_dicom_series(path))
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise DataError(f"{path}: not a readable image ({_first_line(error)})") from None
+    components = image.GetNumberOfComponentsPerPixel()
+    if components not in (1, 3):
+        raise DataError(
+            f"{path}: has {components} components per voxel; expected a scalar or RGB image"
+        )
+    affine = _itk_affine(image, path)
+    array = sitk.GetArrayFromImage(image)  # (k, j, i[, component])
+    if components == 3:
+        array = array @ RGB_LUMINANCE
+    return ImageFile(path, np.ascontiguousarray(array.transpose()), affine, None)
 
 
 def same_grid(a: ImageHeader, b: ImageHeader, atol: float = 1e-3) -> bool:

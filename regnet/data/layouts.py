@@ -31,7 +31,7 @@ from monai.data import CacheDataset, PersistentDataset
 from monai.data import Dataset as MonaiDataset
 from torch.utils.data import Dataset
 
-from regnet.data.io import DataError, read_pair_list
+from regnet.data.io import IMAGE_SUFFIXES, DataError, read_pair_list
 from regnet.data.preprocess import (
     pair_item,
     raise_data_error,
@@ -40,15 +40,14 @@ from regnet.data.preprocess import (
 )
 
 _SUBJECT_FIELDS = ("image", "label", "mask", "landmarks")
-_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".nrrd", ".mha", ".mhd")
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and any(path.name.endswith(s) for s in _IMAGE_SUFFIXES)
+    return path.is_file() and any(path.name.endswith(s) for s in IMAGE_SUFFIXES)
 
 
 def _stem(path: Path) -> str:
-    for suffix in _IMAGE_SUFFIXES:
+    for suffix in IMAGE_SUFFIXES:
         if path.name.endswith(suffix):
             return path.name[: -len(suffix)]
     return path.name

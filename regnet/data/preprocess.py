@@ -2,7 +2,8 @@
 
 Pipeline (MONAI dictionary transforms; keys ``image``, ``label``, ``mask``, the last two optional):
 
-1. load with its affine (``LoadImaged``), reject NaN/Inf voxels;
+1. load with its affine (:class:`LoadImaged`: any format of :mod:`regnet.data.io`, through
+   :func:`regnet.data.io.read_image`), reject NaN/Inf voxels;
 2. reorient to RAS+ (``Orientationd``): array axis ``i`` runs left->Right, ``j`` posterior->
    Anterior, ``k`` inferior->Superior;
 3. 2D from 3D (``slice_index`` set): keep axial slice ``k = slice_index`` of the *reoriented,
@@ -30,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
-    LoadImaged,
     MapTransform,
     Orientationd,
     ResizeWithPadOrCropd,
@@ -41,7 +42,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from regnet.data.io import DataError, read_header, read_landmarks
+from regnet.data.io import DataError, read_header, read_image, read_landmarks
 
 IMAGE_KEYS = ("image", "label", "mask")
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -63,6 +64,22 @@ def foreground(image: torch.Tensor) -> torch.Tensor:
 def _source(tensor: torch.Tensor) -> str:
     meta = getattr(tensor, "meta", {})
     return str(meta.get("filename_or_obj", "<in-memory image>"))
+
+
+class LoadImaged(MapTransform):
+    """Replace each path by a ``(1, *S)`` float32 MetaTensor of the file's voxels (nibabel axis
+    order) with its 4x4 voxel -> RAS affine and ``filename_or_obj`` (what MONAI's ``LoadImaged``
+    gives for NIfTI), read by :func:`regnet.data.io.read_image` so that every format keeps its
+    ITK geometry."""
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            image = read_image(data[key])
+            array = torch.from_numpy(np.asarray(image.array, np.float32))[None]
+            meta = {"filename_or_obj": str(image.path)}
+            data[key] = MetaTensor(array, affine=torch.from_numpy(image.affine), meta=meta)
+        return data
 
 
 class RejectNonFinited(MapTransform):
@@ -168,7 +185,7 @@ def subject_transform(
     keys = list(IMAGE_KEYS)
     file_rank = 3 if slice_index is not None else ndim
     transforms = [
-        LoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True),
+        LoadImaged(keys, allow_missing_keys=True),
         RejectNonFinited(keys, allow_missing_keys=True),
         Orientationd(keys, axcodes="RAS"[:file_rank], labels=_RAS_LABELS, allow_missing_keys=True),
     ]

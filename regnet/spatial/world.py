@@ -22,6 +22,13 @@ and physical space. Its conventions:
   ``d`` to a fixed physical point as ``T(p) = p + d(p)`` and resamples ``moving(T(p))``: the same
   backward direction as regnet. ITK grids have an orthonormal direction matrix, so an affine
   with shear cannot be represented there exactly.
+* **ITK image geometry** (origin, spacing, direction cosines in LPS, as SimpleITK reports them for
+  MetaImage, NRRD, DICOM, PNG ...) maps ITK index ``(i, j[, k])`` to the LPS point
+  ``origin + direction @ diag(spacing) @ index``; :func:`itk_geometry_to_affine` turns it into
+  the voxel→RAS affine of the same index, and :func:`affine_to_itk_geometry` back. A 2D grid
+  lies in the plane ``z = 0`` and its affine's third column is ``(0, 0, 1)``.
+* **2D fields** are written like 3D ones with a singleton third axis, ``(X, Y, 1, 1, 2)``, which
+  ITK reads as a 2D image of 2-vectors.
 
 Files are written atomically: to a temporary file in the target folder, then renamed.
 """
@@ -46,6 +53,9 @@ ArrayLike = np.ndarray | torch.Tensor
 #: RAS ⇄ LPS for 3D positions and vectors (its own inverse).
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
+#: Rows/columns of a ``(4, 4)`` affine that form the homogeneous affine of a 2D or 3D grid.
+GRID_AXES = {2: [0, 1, 3], 3: [0, 1, 2, 3]}
+
 NIFTI_INTENT_DISPVECT = 1006
 NIFTI_INTENT_VECTOR = 1007
 
@@ -63,7 +73,7 @@ def _homogeneous(affine: ArrayLike, ndim: int, name: str) -> torch.Tensor:
     if matrix.dim() in (2, 3) and matrix.shape[-2:] == (size, size):
         pass
     elif ndim == 2 and matrix.dim() in (2, 3) and matrix.shape[-2:] == (4, 4):
-        keep = torch.tensor([0, 1, 3])
+        keep = torch.tensor(GRID_AXES[2])
         matrix = matrix[..., keep, :][..., :, keep]
     else:
         allowed = f"({size}, {size})" + (" or (4, 4)" if ndim == 2 else "")
@@ -263,6 +273,53 @@ def warp_world(
     return sample(moving, coords.to(moving.device), mode=mode, padding=padding)
 
 
+def itk_geometry_to_affine(
+    origin: Sequence[float], spacing: Sequence[float], direction: Sequence[float]
+) -> np.ndarray:
+    """Voxel→RAS ``(4, 4)`` float64 affine of an ITK grid (2D or 3D).
+
+    Args:
+        origin: LPS mm position of index 0, ``ndim`` values (``image.GetOrigin()``).
+        spacing: mm per index step, ``ndim`` values (``image.GetSpacing()``).
+        direction: row-major ``ndim x ndim`` direction cosines (``image.GetDirection()``), LPS.
+
+    Returns:
+        ``A`` with ``A @ (i, j[, k], 1)`` the RAS point of ITK index ``(i, j[, k])``; for 2D the
+        third column is ``(0, 0, 1, 0)`` and the plane sits at ``z = 0``.
+    """
+    ndim = len(spacing)
+    if ndim not in (2, 3) or len(origin) != ndim or len(direction) != ndim * ndim:
+        raise ValueError(
+            f"expected a 2D or 3D ITK geometry, got origin {tuple(origin)}, spacing "
+            f"{tuple(spacing)}, direction {tuple(direction)}"
+        )
+    lps = np.eye(4)
+    lps[:ndim, :ndim] = np.reshape(np.asarray(direction, np.float64), (ndim, ndim)) * np.asarray(
+        spacing, np.float64
+    )
+    lps[:ndim, 3] = np.asarray(origin, np.float64)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def affine_to_itk_geometry(
+    affine: ArrayLike, ndim: int
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """``(origin, spacing, direction)`` in LPS of a voxel→RAS affine's grid, as SimpleITK's
+    ``SetOrigin``/``SetSpacing``/``SetDirection`` take them (inverse of
+    :func:`itk_geometry_to_affine`; for ``ndim=2`` the in-plane part, rows/columns 0 and 1).
+    Shear, which ITK cannot represent, is not checked: the direction is the affine's normalised
+    columns."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ _single_affine(affine, 3).numpy()
+    linear = lps[:ndim, :ndim]
+    spacing = np.linalg.norm(linear, axis=0)
+    direction = linear / spacing
+    return (
+        tuple(float(v) for v in lps[:ndim, 3]),
+        tuple(float(v) for v in spacing),
+        tuple(float(v) for v in direction.reshape(-1)),
+    )
+
+
 def _atomic_write(path: str | os.PathLike, suffixes: Sequence[str], write: Callable) -> Path:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
     path = Path(path)
@@ -279,17 +336,23 @@ def _atomic_write(path: str | os.PathLike, suffixes: Sequence[str], write: Calla
 
 
 def _field_components(disp_mm: ArrayLike, path: str | os.PathLike) -> np.ndarray:
-    """``(3, X, Y, Z)`` array (float64 kept, else float32) from ``([1,] 3, X, Y, Z)``."""
+    """``(ndim, *S)`` array (float64 kept, else float32) from ``([1,] ndim, *S)``, ndim 2 or 3."""
     field = disp_mm.detach().cpu().numpy() if isinstance(disp_mm, torch.Tensor) else disp_mm
     field = np.asarray(field)
     shape = field.shape
-    if field.ndim == 5 and field.shape[0] == 1:
+    if field.ndim in (4, 5) and field.shape[0] == 1 and field.shape[1] == field.ndim - 2:
         field = field[0]
-    if field.ndim != 4 or field.shape[0] != 3:
+    if field.ndim not in (3, 4) or field.shape[0] != field.ndim - 1:
         raise ValueError(
-            f"{path}: displacement must have shape (1, 3, X, Y, Z) or (3, X, Y, Z), got {shape}"
+            f"{path}: displacement must have shape ([1,] 3, X, Y, Z) or ([1,] 2, X, Y), got {shape}"
         )
     return field.astype(np.float64 if field.dtype == np.float64 else np.float32, copy=False)
+
+
+def _lps_components(components: np.ndarray) -> np.ndarray:
+    """RAS ⇄ LPS for field components ``(ndim, *S)``: x and y change sign."""
+    flip = RAS_TO_LPS.diagonal()[: components.shape[0]].astype(components.dtype)
+    return components * flip.reshape(-1, *([1] * (components.ndim - 1)))
 
 
 def _nifti_affine(affine: ArrayLike, path: str | os.PathLike) -> np.ndarray:
@@ -306,8 +369,10 @@ def _nifti_affine(affine: ArrayLike, path: str | os.PathLike) -> np.ndarray:
 def _save_vector_nifti(
     path: str | os.PathLike, components: np.ndarray, affine: np.ndarray, intent: int
 ) -> Path:
-    """Write ``components`` ``(3, X, Y, Z)`` as a 5D ``(X, Y, Z, 1, 3)`` NIfTI vector image."""
-    data = np.moveaxis(components, 0, -1)[:, :, :, None, :]
+    """Write ``components`` ``(3, X, Y, Z)`` as a 5D ``(X, Y, Z, 1, 3)`` NIfTI vector image, or
+    ``(2, X, Y)`` as ``(X, Y, 1, 1, 2)``."""
+    data = np.moveaxis(components, 0, -1)
+    data = data[:, :, :, None, :] if components.shape[0] == 3 else data[:, :, None, None, :]
     image = nib.Nifti1Image(data, affine)
     image.header.set_intent(intent)
     image.header.set_xyzt_units("mm")
@@ -319,14 +384,16 @@ def _save_vector_nifti(
 def save_displacement_nifti(path: str | os.PathLike, disp_mm: ArrayLike, affine: ArrayLike) -> Path:
     """Save a world field with **RAS** mm components, in the NIfTI standard's own convention.
 
-    The file is a ``(X, Y, Z, 1, 3)`` NIfTI image with intent ``NIFTI_INTENT_DISPVECT`` (1006),
-    the fixed image's affine as sform and qform (code 1). Viewers and nibabel read the vectors
-    as RAS; ITK ≥ 5.4 (SimpleITK) converts 1006 components RAS→LPS itself, so the file also
-    resamples correctly there. Older ITK/ANTs need :func:`save_itk_displacement`.
+    The file is a ``(X, Y, Z, 1, 3)`` NIfTI image (2D: ``(X, Y, 1, 1, 2)``) with intent
+    ``NIFTI_INTENT_DISPVECT`` (1006), the fixed image's affine as sform and qform (code 1).
+    Viewers and nibabel read the vectors as RAS; ITK ≥ 5.4 (SimpleITK) converts 1006 components
+    RAS→LPS itself, so a 3D file also resamples correctly there; it converts 2D files wrongly
+    (it negates the first two of every three stored values, measured with SimpleITK 2.5 / ITK
+    5.4). Older ITK/ANTs, and ITK for 2D fields, need :func:`save_itk_displacement`.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file.
-        disp_mm: ``(1, 3, X, Y, Z)`` or ``(3, X, Y, Z)`` displacement in mm RAS (backward).
+        disp_mm: ``([1,] 3, X, Y, Z)`` or ``([1,] 2, X, Y)`` displacement in mm RAS (backward).
         affine: ``(4, 4)`` voxel→RAS affine of the fixed grid.
     """
     components = _field_components(disp_mm, path)
@@ -338,21 +405,22 @@ def save_itk_displacement(
 ) -> Path:
     """Save a world field as an ITK/ANTs displacement-field transform.
 
-    The file is a ``(X, Y, Z, 1, 3)`` NIfTI image with intent ``NIFTI_INTENT_VECTOR`` (1007) on the
-    fixed grid (its affine as sform and qform, code 1) holding **LPS** mm components
-    ``(-x, -y, z)``: the layout ANTs and ITK write and read. ``antsApplyTransforms -t path`` and
-    SimpleITK's ``DisplacementFieldTransform`` + ``Resample(moving, fixed, transform)`` then give
-    the image :func:`warp_world` gives. Stored as float64 for float64 input, float32 otherwise.
+    The file is a ``(X, Y, Z, 1, 3)`` NIfTI image (2D: ``(X, Y, 1, 1, 2)``) with intent
+    ``NIFTI_INTENT_VECTOR`` (1007) on the fixed grid (its affine as sform and qform, code 1)
+    holding **LPS** mm components ``(-x, -y[, z])``: the layout ANTs and ITK write and read.
+    ``antsApplyTransforms -t path`` and SimpleITK's ``DisplacementFieldTransform`` +
+    ``Resample(moving, fixed, transform)`` then give the image :func:`warp_world` gives. Stored
+    as float64 for float64 input, float32 otherwise.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file.
-        disp_mm_ras: ``(1, 3, X, Y, Z)`` or ``(3, X, Y, Z)`` displacement in mm RAS (backward).
+        disp_mm_ras: ``([1,] 3, X, Y, Z)`` or ``([1,] 2, X, Y)`` displacement in mm RAS
+            (backward).
         affine: ``(4, 4)`` voxel→RAS affine of the fixed grid.
     """
     components = _field_components(disp_mm_ras, path)
     affine = _nifti_affine(affine, path)
-    lps = components * RAS_TO_LPS.diagonal().astype(components.dtype)[:, None, None, None]
-    return _save_vector_nifti(path, lps, affine, NIFTI_INTENT_VECTOR)
+    return _save_vector_nifti(path, _lps_components(components), affine, NIFTI_INTENT_VECTOR)
 
 
 def load_itk_displacement(path: str | os.PathLike) -> tuple[torch.Tensor, np.ndarray]:
@@ -362,17 +430,26 @@ def load_itk_displacement(path: str | os.PathLike) -> tuple[torch.Tensor, np.nda
     ``NIFTI_INTENT_DISPVECT`` (1006), whose components are RAS (as ITK ≥ 5.4 reads them).
 
     Returns:
-        ``(disp_mm_ras, affine)``: ``(1, 3, X, Y, Z)`` tensor (float64 if stored so, else
-        float32) and the ``(4, 4)`` float64 voxel→RAS affine of the field's grid.
+        ``(disp_mm_ras, affine)``: ``(1, 3, X, Y, Z)`` tensor (2D: ``(1, 2, X, Y)`` from an
+        ``(X, Y, 1, 1, 2)`` file; float64 if stored so, else float32) and the ``(4, 4)`` float64
+        voxel→RAS affine of the field's grid.
     """
     image = nib.load(path)
     shape = image.shape
-    if len(shape) != 5 or shape[3] != 1 or shape[4] != 3:
-        raise ValueError(f"{path}: expected a 3D displacement field (X, Y, Z, 1, 3), got {shape}")
+    planar = len(shape) == 5 and shape[2:] == (1, 1, 2)
+    if not planar and (len(shape) != 5 or shape[3] != 1 or shape[4] != 3):
+        raise ValueError(
+            f"{path}: expected a displacement field (X, Y, Z, 1, 3) or (X, Y, 1, 1, 2), got {shape}"
+        )
     dtype = np.float64 if image.get_data_dtype() == np.float64 else np.float32
-    components = np.moveaxis(image.get_fdata(dtype=dtype)[:, :, :, 0, :], -1, 0)
+    vectors = (
+        image.get_fdata(dtype=dtype)[:, :, 0, 0, :]
+        if planar
+        else image.get_fdata(dtype=dtype)[:, :, :, 0, :]
+    )
+    components = np.moveaxis(vectors, -1, 0)
     if int(image.header["intent_code"]) != NIFTI_INTENT_DISPVECT:
-        components = components * RAS_TO_LPS.diagonal().astype(dtype)[:, None, None, None]
+        components = _lps_components(components)
     return torch.from_numpy(np.ascontiguousarray(components)).unsqueeze(0), image.affine.copy()
 
 

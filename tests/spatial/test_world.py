@@ -14,6 +14,7 @@ import torch
 from regnet.spatial import warp
 from regnet.spatial.world import (
     ddf_to_world,
+    itk_geometry_to_affine,
     load_itk_displacement,
     resample_world_field,
     save_displacement_nifti,
@@ -258,6 +259,59 @@ def test_itk_displacement_matches_simpleitk_resampling(tmp_path, name):
     assert np.abs(wrong[0, 0].numpy()[mask] - itk_out[mask]).max() > 0.1 * scale
 
 
+def test_2d_field_on_an_oblique_metaimage_matches_simpleitk_resampling(tmp_path):
+    """A 2D fixed image with a 30° direction and anisotropic spacing, an axis-aligned moving
+    image on another grid: SimpleITK applying the saved 2D field gives :func:`warp_world`'s
+    image, with the geometry regnet derives from SimpleITK's origin, spacing and direction."""
+    angle = math.radians(30.0)
+    fixed = sitk.Image([17, 13], sitk.sitkFloat64)
+    fixed.SetSpacing((0.9, 1.4))
+    fixed.SetOrigin((3.0, -2.0))
+    fixed.SetDirection((math.cos(angle), -math.sin(angle), math.sin(angle), math.cos(angle)))
+    moving_values = smooth_image((26, 24, 1))[..., 0]  # (i, j)
+    moving = sitk.GetImageFromArray(moving_values.T.copy())
+    moving.SetSpacing((1.1, 1.1))
+    moving.SetOrigin((-8.0, -4.0))
+    geometry = [
+        (image.GetOrigin(), image.GetSpacing(), image.GetDirection()) for image in (fixed, moving)
+    ]
+    fixed_affine, moving_affine = (itk_geometry_to_affine(*g) for g in geometry)
+    index = np.stack(np.meshgrid(np.arange(17), np.arange(13), indexing="ij")).astype(float)
+    p = np.einsum("ij,j...->i...", fixed_affine[:2, :2], index) + fixed_affine[:2, 3, None, None]
+    disp = 1.5 * np.stack([np.sin(p[1] / 5), np.cos(p[0] / 4 + 0.2)])  # RAS mm
+
+    field_path = save_itk_displacement(
+        tmp_path / "field.nii.gz", as_batch(disp, torch.float64), fixed_affine
+    )
+    field = sitk.ReadImage(str(field_path), sitk.sitkVectorFloat64)
+    assert field.GetDimension() == 2
+    np.testing.assert_allclose(field.GetDirection(), fixed.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(field.GetOrigin(), fixed.GetOrigin(), atol=1e-5)
+    resampled = sitk.Resample(
+        moving, fixed, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0
+    )
+    itk_out = sitk.GetArrayFromImage(resampled).T
+    ours = warp_world(as_batch(moving_values)[None], moving_affine, as_batch(disp), fixed_affine)
+
+    inverse = np.linalg.inv(moving_affine)
+    target = p + disp
+    moving_index = np.einsum("ij,j...->i...", inverse[:2, :2], target) + inverse[:2, 3, None, None]
+    mask = np.all(
+        (moving_index > 1e-3) & (moving_index < np.array([25, 23])[:, None, None] - 1e-3), 0
+    )
+    assert mask.mean() > 0.5
+    np.testing.assert_allclose(ours[0, 0].numpy()[mask], itk_out[mask], atol=1e-4, rtol=0)
+    wrong = warp_world(as_batch(moving_values)[None], moving_affine, -as_batch(disp), fixed_affine)
+    assert np.abs(wrong[0, 0].numpy()[mask] - itk_out[mask]).max() > 0.1
+    # the RAS file (intent 1006) holds the same field; regnet reads both back alike
+    ras_path = save_displacement_nifti(tmp_path / "ras.nii.gz", as_batch(disp), fixed_affine)
+    for path in (field_path, ras_path):
+        loaded, affine = load_itk_displacement(path)
+        assert loaded.shape == (1, 2, 17, 13)
+        np.testing.assert_allclose(loaded[0].numpy(), disp, atol=1e-5)
+        np.testing.assert_allclose(affine, fixed_affine, atol=1e-5)
+
+
 def linear_intensity(affine: np.ndarray, shape) -> np.ndarray:
     """Image whose value is a linear function of RAS position (trilinear sampling is exact)."""
     p = world_positions(affine, shape)
@@ -337,7 +391,7 @@ def test_load_reads_dispvect_files_as_ras(tmp_path):
 def test_saving_bad_field_or_affine_names_the_file(tmp_path):
     path = tmp_path / "field.nii.gz"
     with pytest.raises(ValueError, match="field.nii.gz"):
-        save_itk_displacement(path, torch.zeros(1, 2, 4, 4), np.eye(4))
+        save_itk_displacement(path, torch.zeros(1, 2, 4, 4, 4), np.eye(4))
     with pytest.raises(ValueError, match="field.nii.gz"):
         save_itk_displacement(path, torch.zeros(1, 3, 4, 4, 4), np.eye(3))
     with pytest.raises(ValueError, match="field.nii.gz"):
