@@ -228,8 +228,10 @@ def test_bad_inputs_name_the_file(tmp_path: Path, case: str, problem: str) -> No
 
 
 def test_2d_pairs_refuse_landmarks_and_3d_partners(tmp_path: Path) -> None:
-    plane = write(tmp_path / "plane.nii.gz", np.ones((6, 5), np.float32), FIXED_AFFINE)
-    volume = write(tmp_path / "volume.nii.gz", np.ones(FIXED_SHAPE, np.float32), FIXED_AFFINE)
+    ramp = np.arange(30, dtype=np.float32).reshape(6, 5)  # not constant: a registrable image
+    plane = write(tmp_path / "plane.nii.gz", ramp, FIXED_AFFINE)
+    volume = np.arange(np.prod(FIXED_SHAPE), dtype=np.float32).reshape(FIXED_SHAPE)
+    volume = write(tmp_path / "volume.nii.gz", volume, FIXED_AFFINE)
     points = tmp_path / "points.csv"
     points.write_text("x,y,z\n1,2,3\n")
     with pytest.raises(DataError, match=r"plane\.nii\.gz: is 2D; landmarks need 3D images"):

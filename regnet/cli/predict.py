@@ -98,13 +98,16 @@ def apply_preprocess_overrides(network: Network, cfg: DictConfig) -> Network:
 
 
 def header_ddf(item: dict, device: torch.device) -> torch.Tensor:
-    """The scanner headers' alignment as a DDF ``(1, 3, *S)`` in voxels of the fixed network
+    """The scanner headers' alignment as a DDF ``(1, ndim, *S)`` in voxels of the fixed network
     grid (backward): fixed-grid voxel ``x`` is world point ``A_f x``, which the moving grid holds
     at voxel ``A_m^-1 A_f x``."""
     fixed_affine = torch.as_tensor(item["fixed_affine"], dtype=torch.float64)
     moving_affine = torch.as_tensor(item["moving_affine"], dtype=torch.float64)
     matrix = torch.linalg.solve(moving_affine, fixed_affine)
-    return affine_to_ddf(matrix[None], tuple(item["fixed"].shape[1:])).float().to(device)
+    shape = tuple(item["fixed"].shape[1:])
+    if len(shape) == 2:  # a 2D grid lies in the plane z = 0 of its 4x4 affine
+        matrix = matrix[[0, 1, 3]][:, [0, 1, 3]]
+    return affine_to_ddf(matrix[None], shape).float().to(device)
 
 
 def predict_pair(
