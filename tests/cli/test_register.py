@@ -88,6 +88,13 @@ def test_register_recovers_a_world_translation(pair, tmp_path):
     world = np.array(metrics["info"]["affine_ras_mm"])
     np.testing.assert_allclose(world[:3, :3], np.eye(3), atol=0.02)
     np.testing.assert_allclose(world[:3, 3], SHIFT_MM, atol=0.5)
+    # affine.tfm holds the same map between LPS points (ITK's AffineTransform parameters)
+    lines = (out / "affine.tfm").read_text().splitlines()
+    assert lines[2] == "Transform: AffineTransform_double_3_3"
+    parameters = np.array(lines[3].split()[1:], float)
+    flip = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(parameters[:9].reshape(3, 3), flip @ world[:3, :3] @ flip, atol=1e-9)
+    np.testing.assert_allclose(parameters[9:], flip @ world[:3, 3], atol=1e-9)
 
 
 def test_existing_output_is_refused(pair, tmp_path, capsys):

@@ -8,8 +8,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from test_evaluate import checkpoint  # noqa: F401  (a tiny trained network)
 
 from regnet.cli.evaluate import main
+from regnet.cli.predict import main as predict_main
 
 SHAPE = (16, 14, 12)
 FIXED_AFFINE = np.diag([1.5, 1.2, 2.0, 1.0])
@@ -119,3 +121,22 @@ def test_submission_needs_one_method_and_learn2reg_names(tmp_path, capsys):
         main([f"pairs={pairs}", f"submission={submission}", f"out={tmp_path / 'eval'}"])
     assert "x.nii.gz: not a Learn2Reg image name" in capsys.readouterr().err
     assert not submission.exists() and not (tmp_path / "eval").exists()
+
+
+def test_predict_writes_the_networks_fields_as_a_submission(checkpoint, tmp_path):  # noqa: F811
+    dataset = write_task(tmp_path)
+    submission, out = tmp_path / "submission", tmp_path / "out"
+    args = [f"ckpt={checkpoint}", "device=cpu", "overview=false"]
+    predict_main([*args, f"learn2reg={dataset}", f"submission={submission}", f"out={out}"])
+    assert not out.exists()  # only the submission is written
+    field = nib.load(str(submission / "disp_0001_0001.nii.gz")).get_fdata()
+    # the same pair through predict.py's usual outputs, converted independently
+    images = [tmp_path / "imagesTr" / f"Task_0001_{m}.nii.gz" for m in ("0000", "0001")]
+    predict_main([*args, f"pair=[{images[0]},{images[1]}]", f"out={out}"])
+    disp_mm = np.moveaxis(nib.load(str(out / "disp_mm.nii.gz")).get_fdata()[:, :, :, 0], -1, 0)
+    moving_affine = nib.load(str(images[1])).affine
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij"), -1)
+    world = grid @ FIXED_AFFINE[:3, :3].T + FIXED_AFFINE[:3, 3] + np.moveaxis(disp_mm, 0, -1)
+    moving_voxels = (world - moving_affine[:3, 3]) @ np.linalg.inv(moving_affine[:3, :3]).T
+    np.testing.assert_allclose(field, moving_voxels - grid, atol=1e-4)
+    assert np.abs(field + OFFSET).max() > 1e-3  # the network moved something
