@@ -185,3 +185,16 @@ def test_affine_tfm_resamples_like_regnet_in_simpleitk_and_ants(tmp_path):
         interpolator="linear",
     ).numpy()
     np.testing.assert_allclose(ants_warped[inside], warped[inside], atol=1e-3)
+
+
+def test_deformable_run_writes_its_affine_stage(pair, tmp_path):
+    fixed, moving, _ = pair
+    out = tmp_path / "out"
+    args = [f"fixed={fixed}", f"moving={moving}", "transform=svf", "spacing=3", "levels=1"]
+    settings = ["iterations=[5]", "affine_iterations=[20]", "start_check=false", "overview=false"]
+    main([*args, *settings, f"out={out}", "device=cpu"])
+    world = np.array(json.loads((out / "metrics.json").read_text())["info"]["affine_ras_mm"])
+    assert np.abs(world[:3, 3]).max() > 0.5  # the stage moved the image
+    parameters = np.array((out / "affine.tfm").read_text().splitlines()[3].split()[1:], float)
+    flip = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(parameters[9:], flip @ world[:3, 3], atol=1e-9)
