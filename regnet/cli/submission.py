@@ -35,10 +35,12 @@ from regnet.pipeline import PairInputs, RegistrationResult
 
 def check_submission(cfg: DictConfig, specs: Sequence[PairSpec]) -> None:
     """Reject before any work: a pair whose images are not Learn2Reg-named, two pairs with one
-    file name, and (``evaluate.py``) more than one method."""
+    file name, and (``evaluate.py``) more than one method or ``submission`` equal to ``out``."""
     methods = cfg.get("methods")
     if methods is not None and not isinstance(methods, str) and len(methods) != 1:
         raise InputError("submission", "holds the fields of one method; give exactly one")
+    if methods is not None and Path(cfg.submission).absolute() == Path(cfg.out).absolute():
+        raise InputError(f"submission={cfg.submission}", "must be another folder than out")
     names = [submission_name(spec.fixed, spec.moving) for spec in specs]
     if len(set(names)) != len(names):
         twice = next(name for name in names if names.count(name) > 1)
@@ -49,6 +51,8 @@ def learn2reg_config(cfg: DictConfig) -> EvaluationConfig | None:
     """The evaluation configuration for ``learn2reg=`` runs (``None`` otherwise); its pairs must
     be among the split's pairs."""
     if cfg.get("learn2reg") is None:
+        if cfg.get("learn2reg_config") is not None:
+            raise InputError("learn2reg_config", "scores a learn2reg= split; give learn2reg=JSON")
         return None
     if cfg.get("learn2reg_config") is not None:
         config = EvaluationConfig.from_file(cfg.learn2reg_config)

@@ -110,6 +110,9 @@ def test_submission_needs_one_method_and_learn2reg_names(tmp_path, capsys):
             ]
         )
     assert capsys.readouterr().err.startswith("error: submission: holds the fields of one method")
+    with pytest.raises(SystemExit):
+        main([f"learn2reg={dataset}", f"submission={submission}", f"out={submission}"])
+    assert "must be another folder than out" in capsys.readouterr().err
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(
         "fixed,moving\nimagesTr/Task_0001_0000.nii.gz,keypointsTr/../imagesTr/x.nii.gz\n"
