@@ -14,6 +14,12 @@ and qform (codes and other header fields copied from the fixed file where it is 
     the same field as an ITK/ANTs displacement-field transform (**LPS** components):
     ``antsApplyTransforms -i moving -r fixed -t itk_warp.nii.gz`` and SimpleITK's
     ``Resample(moving, fixed, DisplacementFieldTransform(field))`` reproduce ``warped.nii.gz``.
+``affine.tfm``
+    the affine stage alone (rigid/affine registrations, and the affine stage of deformable ones:
+    ``info["affine_ras_mm"]`` of the result), as an ITK ``AffineTransform_double_3_3`` text file
+    mapping fixed LPS physical points to moving ones: ``sitk.ReadTransform`` +
+    ``Resample(moving, fixed, transform)`` and ``antsApplyTransforms -i moving -r fixed -t
+    affine.tfm`` resample the moving image with it (:func:`regnet.spatial.world.save_itk_affine`).
 ``jacdet.nii.gz``
     Jacobian determinant of the transform per fixed voxel, float32 (``<= 0``: folding).
 ``metrics.json``
@@ -64,6 +70,7 @@ from regnet import __version__
 from regnet.pipeline import GridField, PairInputs, RegistrationResult, Volume
 from regnet.spatial.world import (
     save_displacement_nifti,
+    save_itk_affine,
     save_itk_displacement,
     warp_world,
     world_to_ddf,
@@ -75,6 +82,7 @@ OUTPUT_FILES = {
     "warped_labels": "warped_labels.nii.gz",
     "disp_mm": "disp_mm.nii.gz",
     "itk_warp": "itk_warp.nii.gz",
+    "affine": "affine.tfm",
     "jacdet": "jacdet.nii.gz",
     "metrics": "metrics.json",
     "overview": "overview.png",
@@ -294,6 +302,10 @@ def write_registration(
             png_path = target("warped_png")
             png_data = result.warped[0, 0].numpy()
             writes.append(lambda: save_png(png_path, png_data, inputs.moving))
+        if result.info.get("affine_ras_mm") is not None:
+            world_map, affine_path = np.asarray(result.info["affine_ras_mm"]), target("affine")
+            # a RAS mm -> RAS mm map is a voxel map between grids whose affines are the identity
+            writes.append(lambda: save_itk_affine(affine_path, world_map, np.eye(4), np.eye(4)))
         if overview:
             overview_path = target("overview")
             writes.append(lambda: save_image(overview_image(inputs, result), overview_path))

@@ -15,7 +15,10 @@ optimising). Every method is evaluated on the fixed image's own grid with the or
 Outputs in ``out``: ``per_pair.csv`` (one row per method and pair: mean Dice, mean HD95 (mm),
 mean TRE (mm), % folding, SDlogJ, seconds), ``per_pair.json`` (every metric, per label),
 ``summary.csv`` and ``summary.md`` (mean ± std over pairs per method; also printed), and with
-``save_outputs=true`` each registration's files under ``<method>/<pair>/``. All of it appears at
+``save_outputs=true`` each registration's files under ``<method>/<pair>/``. With
+``submission=DIR`` (one method) the fields also go to a Learn2Reg submission folder, and with
+``learn2reg=`` that folder is scored as the challenge scores it (``learn2reg.json``, and a table in
+``summary.md``; :mod:`regnet.cli.submission`). All of it appears at
 once at the end (staged); an ``out`` that already holds files is refused unless
 ``overwrite=true``.
 """
@@ -47,6 +50,13 @@ from regnet.cli.common import (
 from regnet.cli.predict import apply_preprocess_overrides, check_refine_settings, predict_pair
 from regnet.cli.register import check_settings as check_register_settings
 from regnet.cli.register import register_pair
+from regnet.cli.submission import (
+    check_submission,
+    learn2reg_config,
+    score_submission,
+    submission_folder,
+    write_submission_field,
+)
 from regnet.data.layouts import Learn2RegDataset
 from regnet.outputs import staged_output, write_registration
 from regnet.pipeline import (
@@ -244,8 +254,12 @@ def evaluate(cfg: DictConfig) -> Path:
     specs = evaluation_pairs(cfg)
     for spec in specs:
         spec.check_files()
+    scoring = None
+    if cfg.submission is not None:
+        check_submission(cfg, specs)
+        scoring = learn2reg_config(cfg)
     out = Path(cfg.out)
-    with staged_output(out, bool(cfg.overwrite)) as staging:
+    with staged_output(out, bool(cfg.overwrite)) as staging, submission_folder(cfg) as submission:
         methods = build_methods(cfg, device)
         rows, records = [], []
         for spec in specs:
@@ -257,6 +271,8 @@ def evaluate(cfg: DictConfig) -> Path:
                 if cfg.save_outputs:
                     target = staging / _slug(method.name) / spec.name
                     write_registration(target, inputs, result)
+                if submission is not None:
+                    write_submission_field(submission, inputs, result)
                 print(f"{method.name} {spec.name}: " + _brief(rows[-1]), flush=True)
         with open(staging / "per_pair.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
@@ -266,6 +282,9 @@ def evaluate(cfg: DictConfig) -> Path:
         summary = summarise(rows, [m.name for m in methods])
         (staging / "summary.csv").write_text(summary_csv(summary))
         markdown = summary_markdown(summary)
+        if scoring is not None:
+            report = staging / "learn2reg.json"
+            markdown += "\n" + score_submission(submission, cfg, scoring, report)
         (staging / "summary.md").write_text(markdown)
     print(markdown, end="")
     return out

@@ -7,6 +7,8 @@ Examples::
         landmarks=[f.csv,m.csv] refine.steps=10 device=cuda
     python predict.py ckpt=model.ckpt pairs=list.csv out=results   # one subfolder per row
     python predict.py ckpt=model2d.ckpt pair=[fixed.png,moving.png] out=result   # 2D network
+    python predict.py ckpt=model.ckpt learn2reg=OASIS/OASIS_dataset.json split=test \\
+        submission=OASIS_submission    # Learn2Reg fields only (regnet/cli/submission.py)
 
 The network and its preprocessing (spacing, shape, intensity percentiles) are rebuilt from the
 checkpoint's saved training config (``configs/predict.yaml`` ``preprocess.*`` overrides them).
@@ -36,6 +38,7 @@ from regnet.cli.common import (
     resolve_device,
     run_command,
 )
+from regnet.cli.submission import check_submission, submission_folder, write_submission_field
 from regnet.optimize import REFINE_TRANSFORMS, refine
 from regnet.optimize.initialize import foreground_mask
 from regnet.optimize.safeguard import check_against_start
@@ -60,6 +63,14 @@ def pair_specs(cfg: DictConfig) -> list[tuple[PairSpec, Path]]:
         InputError: when neither or both of ``pair`` and ``pairs`` are given.
     """
     out = Path(cfg.out)
+    if cfg.learn2reg is not None:
+        if cfg.pair is not None or cfg.pairs is not None:
+            raise InputError("pair/pairs/learn2reg", "give only one of them")
+        if cfg.split not in ("val", "test"):
+            raise InputError(f"split={cfg.split}", "expected val or test")
+        from regnet.cli.evaluate import learn2reg_pairs  # evaluate.py builds on this module
+
+        return [(spec, out / spec.name) for spec in learn2reg_pairs(cfg.learn2reg, str(cfg.split))]
     if (cfg.pair is None) == (cfg.pairs is None):
         raise InputError("pair/pairs", "give exactly one of pair=[fixed,moving] or pairs=LIST")
     if cfg.pairs is not None:
@@ -193,7 +204,8 @@ def check_refine_settings(cfg: DictConfig) -> None:
 
 
 def predict(cfg: DictConfig) -> list[Path]:
-    """Run ``predict`` for a composed ``configs/predict.yaml``; returns the output folders.
+    """Run ``predict`` for a composed ``configs/predict.yaml``; returns the output folders (with
+    ``submission=DIR`` only that folder: per-pair folders are not written then).
 
     Every input file and output folder is checked before the network runs; each pair's outputs
     are staged and appear complete or not at all.
@@ -205,18 +217,26 @@ def predict(cfg: DictConfig) -> list[Path]:
     jobs = pair_specs(cfg)
     for spec, out_dir in jobs:
         spec.check_files()
-        check_output_dir(out_dir, bool(cfg.overwrite))
+        if cfg.submission is None:
+            check_output_dir(out_dir, bool(cfg.overwrite))
+    if cfg.submission is not None:
+        check_submission(cfg, [spec for spec, _ in jobs])
     network = apply_preprocess_overrides(load_network(cfg.ckpt, device), cfg)
     for spec, _ in jobs:
         network.check_images(spec.fixed, spec.moving)
     written = []
-    for spec, out_dir in jobs:
-        inputs = spec.load()
-        result = predict_pair(network, inputs, device, cfg)
-        write_registration(out_dir, inputs, result, bool(cfg.overwrite), bool(cfg.overview))
-        print(f"{out_dir}: {summary_line(result.metrics)}")
-        written.append(out_dir)
-    return written
+    with submission_folder(cfg) as submission:
+        for spec, out_dir in jobs:
+            inputs = spec.load()
+            result = predict_pair(network, inputs, device, cfg)
+            if submission is not None:
+                path = write_submission_field(submission, inputs, result)
+                print(f"{Path(cfg.submission) / path.name}: {summary_line(result.metrics)}")
+                continue
+            write_registration(out_dir, inputs, result, bool(cfg.overwrite), bool(cfg.overview))
+            print(f"{out_dir}: {summary_line(result.metrics)}")
+            written.append(out_dir)
+    return written if submission is None else [Path(cfg.submission)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

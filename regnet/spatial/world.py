@@ -459,7 +459,9 @@ def save_itk_affine(
     fixed_affine: ArrayLike,
     moving_affine: ArrayLike,
 ) -> Path:
-    """Save a voxel affine as an ITK ``AffineTransform_double_3_3`` text file (``.tfm``/``.txt``).
+    """Save a voxel affine as an ITK ``AffineTransform_double_3_3`` text file (``.tfm``/``.txt``);
+    a ``(3, 3)`` matrix is a 2D map (voxel axes ``i, j`` of images in the plane z = 0) and is
+    written as ``AffineTransform_double_2_2``.
 
     ``matrix_vox`` maps fixed voxel coordinates to moving voxel coordinates (regnet's convention).
     The file holds the same map between LPS physical points, ``L A_m M A_f^-1 L`` with
@@ -468,12 +470,18 @@ def save_itk_affine(
 
     Args:
         path: ``.tfm`` or ``.txt`` file.
-        matrix_vox: ``(4, 4)`` or ``(3, 4)`` (optionally with a batch axis of 1).
+        matrix_vox: ``(4, 4)`` or ``(3, 4)``, or ``(3, 3)`` in 2D (optionally with a batch axis
+            of 1).
         fixed_affine, moving_affine: ``(4, 4)`` voxel→RAS affines of the two images.
     """
     matrix = _as_float64(matrix_vox)
     if matrix.dim() == 3 and matrix.shape[0] == 1:
         matrix = matrix[0]
+    planar = tuple(matrix.shape) == (3, 3)
+    if planar:  # a 2D map of the plane z = 0: written as ITK's 2D transform
+        matrix = torch.eye(4, dtype=torch.float64).index_put_(
+            (torch.tensor([[0], [1], [3]]), torch.tensor([0, 1, 3])), matrix
+        )
     if tuple(matrix.shape) == (3, 4):
         matrix = torch.cat([matrix, torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)])
     if tuple(matrix.shape) != (4, 4):
@@ -484,12 +492,13 @@ def save_itk_affine(
     moving = torch.from_numpy(_nifti_affine(moving_affine, path))
     flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
     physical = flip @ moving @ matrix @ torch.linalg.inv(fixed) @ flip
-    parameters = [*physical[:3, :3].reshape(-1).tolist(), *physical[:3, 3].tolist()]
+    n = 2 if planar else 3
+    parameters = [*physical[:n, :n].reshape(-1).tolist(), *physical[:n, 3].tolist()]
     text = (
         "#Insight Transform File V1.0\n"
         "#Transform 0\n"
-        "Transform: AffineTransform_double_3_3\n"
+        f"Transform: AffineTransform_double_{n}_{n}\n"
         f"Parameters: {' '.join(f'{v:.17g}' for v in parameters)}\n"
-        "FixedParameters: 0 0 0\n"
+        f"FixedParameters: {' '.join(['0'] * n)}\n"
     )
     return _atomic_write(path, (".tfm", ".txt"), lambda tmp: Path(tmp).write_text(text))

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from regnet.cli.register import main, on_grid, working_grid
 from regnet.pipeline import load_volume
@@ -87,6 +88,13 @@ def test_register_recovers_a_world_translation(pair, tmp_path):
     world = np.array(metrics["info"]["affine_ras_mm"])
     np.testing.assert_allclose(world[:3, :3], np.eye(3), atol=0.02)
     np.testing.assert_allclose(world[:3, 3], SHIFT_MM, atol=0.5)
+    # affine.tfm holds the same map between LPS points (ITK's AffineTransform parameters)
+    lines = (out / "affine.tfm").read_text().splitlines()
+    assert lines[2] == "Transform: AffineTransform_double_3_3"
+    parameters = np.array(lines[3].split()[1:], float)
+    flip = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(parameters[:9].reshape(3, 3), flip @ world[:3, :3] @ flip, atol=1e-9)
+    np.testing.assert_allclose(parameters[9:], flip @ world[:3, 3], atol=1e-9)
 
 
 def test_existing_output_is_refused(pair, tmp_path, capsys):
@@ -136,3 +144,57 @@ def test_resampling_onto_a_coarser_grid_is_anti_aliased(tmp_path):
         on_grid(volume, same_affine, same_shape, anti_alias=True),
         on_grid(volume, same_affine, same_shape),
     )
+
+
+def test_affine_tfm_resamples_like_regnet_in_simpleitk_and_ants(tmp_path):
+    """``affine.tfm`` maps fixed LPS points to moving ones: SimpleITK's ``Resample(moving, fixed,
+    ReadTransform("affine.tfm"))``, and ANTs' ``antsApplyTransforms -t affine.tfm`` (antspyx's
+    ``apply_transforms``), reproduce ``warped.nii.gz`` on an oblique, anisotropic fixed grid."""
+    sitk = pytest.importorskip("SimpleITK")
+    angle = np.deg2rad(20)
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    fixed_affine = np.eye(4)
+    fixed_affine[:3, :3] = np.diag([-1.0, 1.0, 1.0]) @ rotation @ np.diag([2.0, 2.4, 3.0])
+    fixed_affine[:3, 3] = [20.0, -22.0, -18.0]
+    moving_affine = np.diag([2.5, 2.5, 2.5, 1.0])
+    moving_affine[:3, 3] = [-30.0, -34.0, -30.0]
+    fixed = write_image(tmp_path / "fixed.nii.gz", fixed_affine, (18, 16, 12))
+    moving = write_image(tmp_path / "moving.nii.gz", moving_affine, (24, 28, 24), SHIFT_MM)
+    out = tmp_path / "out"
+    args = [f"fixed={fixed}", f"moving={moving}", "transform=affine", "spacing=3", "levels=1"]
+    main([*args, "iterations=[30]", f"out={out}", "device=cpu", "overview=false"])
+
+    warped = np.asarray(nib.load(out / "warped.nii.gz").dataobj)
+    transform = sitk.ReadTransform(str(out / "affine.tfm"))
+    assert transform.GetName() == "AffineTransform"
+    itk_warped = sitk.Resample(
+        sitk.ReadImage(str(moving)), sitk.ReadImage(str(fixed)), transform, sitk.sitkLinear, 0.0
+    )
+    itk_array = sitk.GetArrayFromImage(itk_warped).transpose(2, 1, 0)  # ITK arrays are (k, j, i)
+    # away from the moving image's edge, where zero padding blends in differently
+    inside = ndimage.binary_erosion((warped != 0) & (itk_array != 0), iterations=2)
+    assert inside.mean() > 0.3
+    np.testing.assert_allclose(itk_array[inside], warped[inside], atol=1e-3)
+    ants = pytest.importorskip("ants")
+    ants_warped = ants.apply_transforms(
+        ants.image_read(str(fixed)),
+        ants.image_read(str(moving)),
+        transformlist=[str(out / "affine.tfm")],
+        interpolator="linear",
+    ).numpy()
+    np.testing.assert_allclose(ants_warped[inside], warped[inside], atol=1e-3)
+
+
+def test_deformable_run_writes_its_affine_stage(pair, tmp_path):
+    fixed, moving, _ = pair
+    out = tmp_path / "out"
+    args = [f"fixed={fixed}", f"moving={moving}", "transform=svf", "spacing=3", "levels=1"]
+    settings = ["iterations=[5]", "affine_iterations=[20]", "start_check=false", "overview=false"]
+    main([*args, *settings, f"out={out}", "device=cpu"])
+    world = np.array(json.loads((out / "metrics.json").read_text())["info"]["affine_ras_mm"])
+    assert np.abs(world[:3, 3]).max() > 0.5  # the stage moved the image
+    parameters = np.array((out / "affine.tfm").read_text().splitlines()[3].split()[1:], float)
+    flip = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(parameters[9:], flip @ world[:3, 3], atol=1e-9)

@@ -433,3 +433,19 @@ def test_itk_affine_file_matches_simpleitk_resampling(tmp_path):
     assert mask.mean() > 0.3
     np.testing.assert_allclose(ours[0, 0].numpy()[mask], expected[mask], atol=1e-9)
     np.testing.assert_allclose(itk_out[mask], expected[mask], atol=1e-4)
+
+
+def test_a_2d_affine_is_written_as_an_itk_2d_transform(tmp_path):
+    """A (3, 3) RAS map of the plane z = 0 becomes AffineTransform_double_2_2 in LPS: SimpleITK
+    maps an LPS point as the RAS map does with x and y negated."""
+    import SimpleITK as sitk
+
+    from regnet.spatial.world import save_itk_affine
+
+    ras_map = np.array([[0.9, -0.1, 2.0], [0.1, 0.95, -3.0], [0.0, 0.0, 1.0]])
+    path = save_itk_affine(tmp_path / "affine.tfm", ras_map, np.eye(4), np.eye(4))
+    transform = sitk.ReadTransform(str(path))
+    assert transform.GetDimension() == 2
+    for lps in ([1.0, 2.0], [-4.0, 7.5]):
+        ras = ras_map @ np.array([-lps[0], -lps[1], 1.0])
+        np.testing.assert_allclose(transform.TransformPoint(lps), [-ras[0], -ras[1]], atol=1e-12)
