@@ -129,7 +129,8 @@ def test_submission_needs_one_method_and_learn2reg_names(tmp_path, capsys):
 def test_predict_writes_the_networks_fields_as_a_submission(checkpoint, tmp_path):  # noqa: F811
     dataset = write_task(tmp_path)
     submission, out = tmp_path / "submission", tmp_path / "out"
-    args = [f"ckpt={checkpoint}", "device=cpu", "overview=false"]
+    # the network's own field (not the start check's choice), so the conversion is what is tested
+    args = [f"ckpt={checkpoint}", "device=cpu", "overview=false", "start_check=false"]
     predict_main([*args, f"learn2reg={dataset}", f"submission={submission}", f"out={out}"])
     assert not out.exists()  # only the submission is written
     field = nib.load(str(submission / "disp_0001_0001.nii.gz")).get_fdata()
