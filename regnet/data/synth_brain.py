@@ -34,9 +34,11 @@ Item generation (every random number from the item's CPU generator, the tensors 
    anatomy a user registers, and they exist on one side only when the other is skull-stripped,
    so the Dice loss (which leaves background out) never asks the network to align them.
 
-Measured on one CPU thread (shared 2-core machine, bank source, all augmentations on): about
-0.9 s per pair at 96x112x96 (2 mm) and 0.2 s at 64^3; a step of the diffeomorphic U-Net at
-96x112x96 takes several seconds on 2 threads, so one data worker keeps up.
+Speed, one CPU thread (2-core machine shared with other jobs, so the ranges are load; median of
+5 pairs, all augmentations on): 96x112x96 0.8-1.5 s per pair from the bank, 1.0-1.7 s from
+random shapes; 64^3 0.14-0.25 s and 0.16-0.36 s. Half of it is the one-hot warp of the labels.
+A training step of ``experiment=synth_brain_2mm`` (diffeomorphic U-Net, 96x112x96) takes
+3.3-3.9 s on 2 threads, so one DataLoader worker keeps up; on a GPU pass ``device="cuda"``.
 """
 
 from __future__ import annotations
