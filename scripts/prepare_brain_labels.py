@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> None:
             f"--spacing must be > 0 and --shape entries >= 4, got {args.spacing}, {args.shape}"
         )
     start = time.perf_counter()
-    written = build_label_bank(args.out, args.shape, args.spacing, sources)
+    try:
+        written = build_label_bank(args.out, args.shape, args.spacing, sources)
+    except ValueError as error:  # a brain larger than the grid: one line, nothing written
+        raise SystemExit(f"prepare_brain_labels: {error}") from None
     print(f"wrote {len(written)} label maps to {args.out} in {time.perf_counter() - start:.1f} s")
 
 

@@ -227,7 +227,11 @@ def build_label_bank(
     spacing: float = 2.0,
     sources: Sequence[str] = SOURCES,
 ) -> list[Path]:
-    """Write the bank's ``<source>.npz`` files (see module docstring) into ``out``."""
+    """Write the bank's ``<source>.npz`` files (see module docstring) into ``out``.
+
+    Raises ``ValueError`` (nothing written) when a source is unknown or a brain touches the
+    border of the grid.
+    """
     import nibabel as nib  # only the preparation reads NIfTI; training loads the .npz files
     from nibabel.processing import resample_from_to
 
@@ -253,10 +257,16 @@ def build_label_bank(
             dk_image = resample_from_to(nib.load(str(files["mni_dk"])), grey_image, order=0)
             dk = np.asarray(dk_image.dataobj).astype(np.int64)
             maps["template_dk"] = template_dk_labels(tissue, lookup[dk]), grey_image.affine
+    resampled = {name: resample_labels(*maps[name], shape, spacing) for name in sources}
+    for name, (labels, _) in resampled.items():
+        if any(np.take(labels, [0, -1], axis=axis).any() for axis in range(3)):
+            raise ValueError(
+                f"{name}: the brain does not fit in {list(shape)} voxels of {spacing} mm; "
+                "choose a larger shape or spacing"
+            )
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in sources:
-        labels, affine = resample_labels(*maps[name], shape, spacing)
+    for name, (labels, affine) in resampled.items():
         path = out / f"{name}.npz"
         np.savez_compressed(path, labels=labels, affine=affine, label_names=np.array(BRAIN_LABELS))
         written.append(path)

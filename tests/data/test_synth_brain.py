@@ -17,6 +17,7 @@ from regnet.data.synth_brain import SynthBrainPairs, thick_slices
 from regnet.spatial import matrix_from_ddf, warp_labels
 from regnet.spatial.affine import rotation_angle_degrees
 
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (28, 32, 28)
 SPACING = 4.0
 QUIET = dict(  # no intensity corruption: each label renders as one value
@@ -323,3 +324,20 @@ def test_bank_from_the_real_label_maps(tmp_path):
     assert not (donor == index["csf"]).any() and (template == index["csf"]).any()
     item = SynthBrainPairs((24, 28, 24), bank=tmp_path, bank_fraction=1.0)[0]
     assert int(item["moving_label"].max()) < len(BRAIN_LABELS)
+    small = tmp_path / "small"
+    with pytest.raises(ValueError, match="template_dk: the brain does not fit"):
+        build_label_bank(small, shape=(12, 14, 12), spacing=8.0, sources=("template_dk",))
+    assert not small.exists()
+
+
+def test_prepare_script_refuses_unknown_sources(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "prepare_brain_labels", ROOT / "scripts" / "prepare_brain_labels.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--out", str(tmp_path / "bank"), "--sources", "donor_9861,brain_x"])
+    assert exit_info.value.code == 2
+    assert "unknown ['brain_x']" in capsys.readouterr().err
+    assert not (tmp_path / "bank").exists()
