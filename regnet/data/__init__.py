@@ -27,6 +27,7 @@ _LAZY = {
     "load_pair": "regnet.data.preprocess",
     "subject_transform": "regnet.data.preprocess",
     "SyntheticPairs": "regnet.data.synthetic",
+    "SynthBrainPairs": "regnet.data.synth_brain",
 }
 """Public name -> the submodule that defines it."""
 
@@ -41,11 +42,13 @@ if TYPE_CHECKING:
     from regnet.data.layouts import RegistrationPairs as RegistrationPairs
     from regnet.data.preprocess import load_pair as load_pair
     from regnet.data.preprocess import subject_transform as subject_transform
+    from regnet.data.synth_brain import SynthBrainPairs
     from regnet.data.synthetic import SyntheticPairs
 
 __all__ = [
     "EpochSampler",
     "RegistrationDataModule",
+    "SynthBrainPairs",
     "SyntheticPairs",
     "seed_worker",
 ]

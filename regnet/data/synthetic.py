@@ -64,13 +64,19 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def smooth_noise(
-    shape: Sequence[int], channels: int, spacing: float, generator: torch.Generator
+    shape: Sequence[int],
+    channels: int,
+    spacing: float,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Smooth Gaussian random field ``(1, channels, *shape)`` with unit variance at grid nodes.
 
     White noise is drawn on a coarse grid with one node every ``spacing`` voxels (plus a margin, so
     the Gaussian smoothing sees no border), smoothed with a Gaussian of one coarse sample, scaled
-    back to unit variance and upsampled linearly with the corner nodes on the corner voxels.
+    back to unit variance and upsampled linearly with the corner nodes on the corner voxels. The
+    coarse grid is drawn on the CPU (``generator`` is a CPU generator), the upsampling runs on
+    ``device`` (default the CPU), so a GPU draws the same field.
     """
     ndim = len(shape)
     kernel = _coarse_kernel()
@@ -80,6 +86,8 @@ def smooth_noise(
     smooth = separable_filtering(noise, [kernel] * ndim)
     crop = (slice(None), slice(None), *[slice(margin, margin + c) for c in coarse])
     smooth = smooth[crop] / kernel.square().sum().sqrt() ** ndim
+    if device is not None:
+        smooth = smooth.to(device)
     mode = "bilinear" if ndim == 2 else "trilinear"
     return F.interpolate(smooth, size=tuple(shape), mode=mode, align_corners=True)
 
