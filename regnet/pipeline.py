@@ -103,6 +103,8 @@ def load_volume(path: str | Path, labels: bool = False) -> Volume:
     """
     image = read_image(path)
     path, shape = image.path, image.array.shape
+    if image.array.size == 0:  # before the dimension, which an empty array does not keep
+        check_image_content(path, image.array)
     if len(shape) not in (2, 3):
         raise DataError(f"{path}: is {len(shape)}D with shape {shape}; expected a 2D or 3D image")
     affine = image.affine
