@@ -43,7 +43,8 @@ from regnet import __version__
 from regnet.checkpoint import read_checkpoint
 from regnet.data.io import DataError, read_header, read_image, read_landmarks
 from regnet.data.validate import check_image_content, check_overlap
-from regnet.metrics import dice_per_label, hd95, jacobian_stats, tre
+from regnet.metrics import dice_per_label, hd95, tre
+from regnet.metrics.jacobian import determinant_stats
 from regnet.spatial import jacobian_determinant, sample
 from regnet.spatial.world import (
     GRID_AXES,
@@ -350,11 +351,13 @@ def registration_metrics(
     fixed_field: GridField,
     warped_labels: torch.Tensor | None,
     landmark_field: GridField,
+    determinant: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Evaluation metrics of a registration (never the training cost).
 
     Keys: ``folding_percent`` (% of fixed-grid voxels with ``det J <= 0``) and ``sdlogj``
-    (std of ``log det J``) of the field on ``F``; with label maps ``dice`` and ``hd95`` (mm)
+    (std of ``log det J``) of the field on ``F`` (``determinant``: its ``det J`` when already
+    computed, float64); with label maps ``dice`` and ``hd95`` (mm)
     ``{label: value}`` over the label values ``> 0`` present in either map, plus ``dice_mean``
     and ``hd95_mean`` (HD95 is ``None`` for a label missing from one map, and left out of the
     mean); with landmarks
@@ -362,8 +365,10 @@ def registration_metrics(
     mapped through ``landmark_field`` (:func:`map_points`).
     """
     metrics: dict[str, Any] = {}
-    ddf = world_to_ddf(fixed_field.disp_mm, fixed_field.affine)
-    metrics.update({k: float(v) for k, v in jacobian_stats(ddf).items()})
+    if determinant is None:
+        ddf = world_to_ddf(fixed_field.disp_mm, fixed_field.affine)
+        determinant = jacobian_determinant(ddf.double())
+    metrics.update({k: float(v) for k, v in determinant_stats(determinant).items()})
     if warped_labels is not None and inputs.fixed_labels is not None:
         fixed_labels = inputs.fixed_labels.data
         dice = dice_per_label(warped_labels, fixed_labels)
@@ -416,9 +421,10 @@ def complete_registration(
             moving_labels, inputs.moving_labels.affine, disp.double(), fixed.affine, "nearest"
         )
         warped_labels = warped_labels.round().long().cpu()
-    jacobian = jacobian_determinant(world_to_ddf(disp, fixed.affine))[0].float().cpu()
+    determinant = jacobian_determinant(world_to_ddf(disp.double(), fixed.affine)).cpu()
     fixed_field = GridField(disp.cpu(), fixed.affine)
-    metrics = registration_metrics(inputs, fixed_field, warped_labels, grid_field)
+    metrics = registration_metrics(inputs, fixed_field, warped_labels, grid_field, determinant)
+    jacobian = determinant[0].float()
     metrics["seconds"] = float(seconds)
     return RegistrationResult(
         fixed_field, warped.float().cpu(), warped_labels, jacobian, metrics, float(seconds), info

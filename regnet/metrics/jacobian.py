@@ -24,7 +24,12 @@ def jacobian_stats(ddf: ArrayLike) -> dict[str, float]:
     unbatched = field.dim() == 3 or (field.dim() == 4 and field.shape[1] != 2)
     if unbatched:
         field = field.unsqueeze(0)
-    det = jacobian_determinant(field)
+    return determinant_stats(jacobian_determinant(field))
+
+
+def determinant_stats(det: torch.Tensor) -> dict[str, float]:
+    """:func:`jacobian_stats` of Jacobian determinants already computed (any shape, pooled)."""
+    det = det.double()
     folding = (det <= 0).double().mean().item() * 100.0
     log_det = det.clamp(*LOG_DET_CLIP).log()
     return {"folding_percent": folding, "sdlogj": log_det.std(correction=0).item()}
