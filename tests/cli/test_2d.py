@@ -12,12 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from hydra import compose, initialize_config_dir
+from tiny_models import train_tiny_checkpoint
 
-from regnet.cli.config import config_dir
 from regnet.cli.evaluate import main as evaluate_main
 from regnet.cli.predict import main as predict_main
-from regnet.cli.train import train
 
 SIZE = 32  # pixels per side of the PNG pair
 
@@ -25,19 +23,7 @@ SIZE = 32  # pixels per side of the PNG pair
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A small 2D VoxelMorph trained for two steps on 32^2 synthetic pairs (experiment=debug)."""
-    folder = tmp_path_factory.mktemp("train2d")
-    overrides = [
-        "experiment=debug",
-        f"paths.output_dir={folder}",
-        "trainer.max_steps=2",
-        "data.train.length=2",
-        "data.val.length=1",
-        "model.enc_channels=[4,8]",
-        "model.dec_channels=[8,8,8,4]",
-    ]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        train(compose("train", overrides=overrides))
-    return folder / "checkpoints" / "last.ckpt"
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("train2d"), "debug")
 
 
 def blob(columns: np.ndarray, rows: np.ndarray, centre: tuple[float, float]) -> np.ndarray:

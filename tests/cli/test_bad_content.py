@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from test_evaluate import run_main as run
-from test_predict import train_tiny_checkpoint
+from tiny_models import train_tiny_checkpoint
 from unsafe_pickle import write_malicious_checkpoint
 
 from regnet.cli.evaluate import main as evaluate_main

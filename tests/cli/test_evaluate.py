@@ -13,12 +13,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from tiny_models import train_tiny_checkpoint
 
-from regnet.cli.config import config_dir
 from regnet.cli.evaluate import COLUMNS, main
 from regnet.cli.predict import main as predict_main
-from regnet.cli.train import train
 
 SHAPE_A, SHAPE_B = (14, 12, 10), (13, 15, 9)
 AFFINE_A = np.array([[-1.5, 0, 0, 22.0], [0, 1.2, 0, -8.0], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
@@ -28,19 +26,7 @@ AFFINE_B = np.array([[-1.4, 0, 0, 21.3], [0, -1.3, 0, 10.7], [0, 0, 2.1, 2.2], [
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A small 3D VoxelMorph trained for two steps on 16^3 synthetic data."""
-    folder = tmp_path_factory.mktemp("train")
-    overrides = [
-        "experiment=debug3d",
-        f"paths.output_dir={folder}",
-        "trainer.max_steps=2",
-        "data.train.length=2",
-        "data.val.length=1",
-        "model.enc_channels=[4,8]",
-        "model.dec_channels=[8,8,8,4]",
-    ]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        train(compose("train", overrides=overrides))
-    return sorted((folder / "checkpoints").glob("*.ckpt"))[0]
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("train"), "debug3d")
 
 
 def smooth_image(shape, phase: float) -> np.ndarray:

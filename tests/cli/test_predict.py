@@ -16,14 +16,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from scipy.ndimage import map_coordinates
+from tiny_models import train_tiny_checkpoint
 from unsafe_pickle import write_malicious_checkpoint
 
 import regnet.cli.predict as predict_cli
-from regnet.cli.config import config_dir
 from regnet.cli.predict import main
-from regnet.cli.train import train
 from regnet.data.preprocess import load_pair
 from regnet.module import RegistrationModule
 
@@ -36,23 +34,6 @@ FIXED_AFFINE = np.array(
 MOVING_AFFINE = np.array(
     [[-1.4, 0, 0, 21.3], [0, -1.3, 0, 10.7], [0, 0, 2.1, 2.2], [0, 0, 0, 1]]
 )  # LPS
-
-
-def train_tiny_checkpoint(folder: Path) -> Path:
-    """Train a small 3D VoxelMorph for two steps on 16^3 synthetic data; returns the checkpoint."""
-    overrides = [
-        "experiment=debug3d",
-        f"paths.output_dir={folder}",
-        "trainer.max_steps=2",
-        "data.train.length=2",
-        "data.val.length=1",
-        "model.enc_channels=[4,8]",
-        "model.dec_channels=[8,8,8,4]",
-    ]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    train(cfg)
-    return sorted((folder / "checkpoints").glob("*.ckpt"))[0]
 
 
 def smooth_image(shape, phase: float) -> np.ndarray:
@@ -354,3 +335,26 @@ def test_a_network_field_worse_than_the_headers_is_reported_and_not_returned(
     else:
         assert err == "" and "start_check" not in info
         assert np.abs(disp).max() > 1.0  # the spoiled field, 3 voxels of the network grid
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_header_ddf_carries_fixed_grid_voxels_to_the_moving_grid_voxels_of_the_same_point(ndim):
+    """Fixed grid 2 mm, moving grid 1 mm shifted by 3 mm along x: fixed voxel x is world
+    2x (+origin), which the moving grid holds at voxel 2x + 3 (+ its origin offset)."""
+    from regnet.cli.predict import header_ddf
+
+    fixed_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    moving_affine = np.eye(4)
+    moving_affine[0, 3] = -3.0
+    shape = (5, 4, 3)[:ndim]
+    item = {
+        "fixed": torch.zeros(1, *shape),
+        "fixed_affine": torch.from_numpy(fixed_affine),
+        "moving_affine": torch.from_numpy(moving_affine),
+    }
+    ddf = header_ddf(item, torch.device("cpu"))
+    assert ddf.shape == (1, ndim, *shape)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(float)
+    expected = grid.copy()  # moving voxel 2x + (3, 0, 0) minus fixed voxel x
+    expected[0] += 3.0
+    np.testing.assert_allclose(ddf[0].numpy(), expected, atol=1e-5)
