@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from regnet import __version__
+from regnet.bundled import resolve_checkpoint
 from regnet.checkpoint import read_checkpoint
 from regnet.data.io import DataError, read_header, read_image, read_landmarks
 from regnet.data.validate import check_image_content, check_overlap
@@ -495,11 +496,15 @@ def preprocessing_from_config(config: Mapping[str, Any], ndim: int = 3) -> Prepr
     """The :class:`Preprocessing` of a resolved training config (its ``data`` section) for a
     network of ``ndim`` dimensions.
 
-    Synthetic data has no spacing: files are then kept at their own spacing (reoriented to RAS)
-    and cropped/padded to the training ``shape``.
+    The spacing is the data's ``spacing`` (file datasets) or ``spacing_mm`` (generators that
+    declare the voxel size they render at, e.g. :class:`regnet.data.synth_brain.SynthBrainPairs`).
+    Synthetic data without either has no spacing: files are then kept at their own spacing
+    (reoriented to RAS) and cropped/padded to the training ``shape``.
     """
     data = config.get("data") or {}
     spacing = _setting(data, "spacing")
+    if spacing is None:
+        spacing = _setting(data, "spacing_mm")
     if spacing is not None:
         spacing = (float(spacing),) * ndim if np.isscalar(spacing) else tuple(map(float, spacing))
     shape = _setting(data, "shape")
@@ -547,7 +552,8 @@ class Network:
 
 
 def load_network(path: str | Path, device: torch.device | str = "cpu") -> Network:
-    """Rebuild the network of a checkpoint written by ``regnet-train``.
+    """Rebuild the network of a checkpoint written by ``regnet-train`` (``path``: a file, or the
+    name of a bundled model, :func:`regnet.bundled.resolve_checkpoint`).
 
     The model is instantiated from ``hyper_parameters["config"]["model"]`` (a Hydra
     ``_target_`` spec, see :class:`regnet.module.RegistrationModule`) and loads the ``model.*``
@@ -560,7 +566,7 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> Networ
             one of an incompatible regnet version, a model that is neither 2D nor 3D, or weights
             that do not fit the model.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     checkpoint = read_checkpoint(path)
     config = config_section(checkpoint, "hyper_parameters", "config")
     if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):

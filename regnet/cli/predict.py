@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,7 +40,7 @@ from regnet.cli.common import (
     run_command,
 )
 from regnet.cli.submission import check_submission, submission_folder, write_submission_field
-from regnet.optimize import REFINE_TRANSFORMS, refine
+from regnet.optimize import REFINE_TRANSFORMS, refine, register
 from regnet.optimize.initialize import foreground_mask
 from regnet.optimize.safeguard import check_against_start
 from regnet.outputs import check_output_dir, write_registration
@@ -53,7 +54,7 @@ from regnet.pipeline import (
     network_field_to_world,
     run_network,
 )
-from regnet.spatial import affine_to_ddf
+from regnet.spatial import affine_to_ddf, apply_affine, identity_grid, warp
 
 
 def pair_specs(cfg: DictConfig) -> list[tuple[PairSpec, Path]]:
@@ -108,17 +109,72 @@ def apply_preprocess_overrides(network: Network, cfg: DictConfig) -> Network:
     return network
 
 
-def header_ddf(item: dict, device: torch.device) -> torch.Tensor:
-    """The scanner headers' alignment as a DDF ``(1, ndim, *S)`` in voxels of the fixed network
-    grid (backward): fixed-grid voxel ``x`` is world point ``A_f x``, which the moving grid holds
-    at voxel ``A_m^-1 A_f x``."""
+def header_matrix(item: dict) -> torch.Tensor:
+    """The scanner headers' alignment ``(1, ndim+1, ndim+1)`` float64, fixed network-grid voxel
+    -> moving network-grid voxel: fixed voxel ``x`` is world point ``A_f x``, which the moving
+    grid holds at voxel ``A_m^-1 A_f x``."""
     fixed_affine = torch.as_tensor(item["fixed_affine"], dtype=torch.float64)
     moving_affine = torch.as_tensor(item["moving_affine"], dtype=torch.float64)
     matrix = torch.linalg.solve(moving_affine, fixed_affine)
-    shape = tuple(item["fixed"].shape[1:])
-    if len(shape) == 2:  # a 2D grid lies in the plane z = 0 of its 4x4 affine
+    if item["fixed"].dim() == 3:  # a 2D grid lies in the plane z = 0 of its 4x4 affine
         matrix = matrix[[0, 1, 3]][:, [0, 1, 3]]
-    return affine_to_ddf(matrix[None], shape).float().to(device)
+    return matrix[None]
+
+
+def header_ddf(item: dict, device: torch.device) -> torch.Tensor:
+    """The scanner headers' alignment (:func:`header_matrix`) as a DDF ``(1, ndim, *S)`` in
+    voxels of the fixed network grid (backward)."""
+    shape = tuple(item["fixed"].shape[1:])
+    return affine_to_ddf(header_matrix(item), shape).float().to(device)
+
+
+def wants_affine_start(network: Network, setting: object) -> bool:
+    """``affine_start=`` ``setting``: ``true``/``false``, or ``auto``: the checkpoint's own
+    ``predict.affine_start`` (networks trained on affinely aligned pairs, such as the bundled
+    brain model, record it; :mod:`regnet.bundled`), else false."""
+    if setting == "auto":
+        return bool((network.config.get("predict") or {}).get("affine_start", False))
+    if isinstance(setting, bool):
+        return setting
+    raise InputError("affine_start", f"must be auto, true or false, got {setting}")
+
+
+def affine_start(
+    fixed: torch.Tensor, moving: torch.Tensor, item: dict, device: torch.device
+) -> torch.Tensor:
+    """``register.py``'s affine alignment of the preprocessed pair, fixed network-grid voxel ->
+    moving network-grid voxel ``(1, ndim+1, ndim+1)``.
+
+    The moving image is put on the fixed network grid through the headers, and
+    :func:`regnet.optimize.register` runs ``transform=affine`` there with the start search,
+    similarity and overlap region of ``configs/register.yaml`` (``affine_model``,
+    ``affine_loss``, ``init``, ``search_iterations``, ``overlap_margin``); the result is composed
+    with the headers' matrix."""
+    settings = compose_config("register", [])
+    header = header_matrix(item).to(device)
+    shape = tuple(fixed.shape[2:])
+    on_fixed_grid = warp(moving, affine_to_ddf(header, shape).float())
+    spacing = np.linalg.norm(np.asarray(item["fixed_affine"])[:3, : len(shape)], axis=0)
+    result = register(
+        fixed,
+        on_fixed_grid,
+        transform=str(settings.affine_model),
+        loss=str(settings.affine_loss),
+        init=str(settings.init),
+        search_iterations=int(settings.search_iterations),
+        overlap_margin=float(settings.overlap_margin),
+        spacing=[float(s) for s in spacing],
+        device=device,
+    )
+    return header @ result.matrix.double()
+
+
+def after_affine(matrix: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """The DDF of ``ddf`` (on the fixed grid, into the affinely aligned moving image) followed by
+    ``matrix``: ``x -> A (x + ddf(x))``, exact for the affine part (no resampling of it)."""
+    grid = identity_grid(ddf.shape[2:], ddf.device, torch.float64)
+    mapped = apply_affine(matrix.to(ddf.device), grid + ddf.double())
+    return (mapped - grid).float()
 
 
 def predict_pair(
@@ -126,15 +182,27 @@ def predict_pair(
 ) -> RegistrationResult:
     """Register one pair with the network (and ``refine.steps`` of instance optimisation).
 
-    With ``start_check`` the candidates header -> network -> refined are judged by
+    With an affine start (:func:`wants_affine_start`) the network sees the moving image after
+    :func:`affine_start` and its field is composed with that affine. With ``start_check`` the
+    candidates header -> (affine ->) network -> refined are judged by
     :mod:`regnet.optimize.safeguard` and the last one not worse than those before it is kept
     (a one-line warning when that is not the last). ``seconds`` covers preprocessing, the
     network, refinement, the check and the conversion to mm."""
     watch = Stopwatch(device)
     item = network.preprocessing.apply(inputs)
-    ddf = run_network(network, item, device, bool(cfg.bf16))
     fixed, moving = item["fixed"][None].to(device), item["moving"][None].to(device)
-    candidates = {"header": header_ddf(item, device), "network": ddf}
+    candidates = {"header": header_ddf(item, device)}
+    if wants_affine_start(network, cfg.affine_start):
+        matrix = affine_start(fixed, moving, item, device)
+        candidates["affine"] = affine_to_ddf(matrix, fixed.shape[2:]).float()
+        aligned = warp(moving, candidates["affine"])
+        ddf = run_network(
+            network, {"fixed": item["fixed"], "moving": aligned[0]}, device, bool(cfg.bf16)
+        )
+        ddf = after_affine(matrix, ddf)
+    else:
+        ddf = run_network(network, item, device, bool(cfg.bf16))
+    candidates["network"] = ddf
     steps = int(cfg.refine.steps)
     if steps > 0:
         candidates["refined"] = refine(
@@ -211,7 +279,9 @@ def predict(cfg: DictConfig) -> list[Path]:
     are staged and appear complete or not at all.
     """
     if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt is None:
-        raise InputError("ckpt", "missing; pass ckpt=PATH to a checkpoint written by regnet-train")
+        raise InputError(
+            "ckpt", "missing; pass ckpt=PATH to a checkpoint written by regnet-train, or ckpt=brain"
+        )
     check_refine_settings(cfg)
     device = resolve_device(cfg.device)
     jobs = pair_specs(cfg)
