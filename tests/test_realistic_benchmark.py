@@ -150,3 +150,7 @@ def test_time_ratios_are_medians_against_ants_syn():
 def test_variants_name_regnet_methods():
     variants = realistic.parse_variants(["mind=loss=mind+grad levels=4"])
     assert variants == {"regnet": [], "regnet:mind": ["loss=mind+grad", "levels=4"]}
+    variants = realistic.parse_variants([], ["brain=ckpt=brain refine.steps=20"])
+    assert variants == {"regnet": [], "predict:brain": ["ckpt=brain", "refine.steps=20"]}
+    with pytest.raises(SystemExit, match="--predict"):
+        realistic.parse_variants([], ["no-overrides"])

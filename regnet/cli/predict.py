@@ -41,6 +41,7 @@ from regnet.cli.common import (
 )
 from regnet.cli.submission import check_submission, submission_folder, write_submission_field
 from regnet.optimize import REFINE_TRANSFORMS, refine, register
+from regnet.optimize.engine import prestage_iterations
 from regnet.optimize.initialize import foreground_mask
 from regnet.optimize.safeguard import check_against_start
 from regnet.outputs import check_output_dir, write_registration
@@ -147,9 +148,10 @@ def affine_start(
 
     The moving image is put on the fixed network grid through the headers, and
     :func:`regnet.optimize.register` runs ``transform=affine`` there with the start search,
-    similarity and overlap region of ``configs/register.yaml`` (``affine_model``,
-    ``affine_loss``, ``init``, ``search_iterations``, ``overlap_margin``); the result is composed
-    with the headers' matrix."""
+    similarity, overlap region and iterations of ``configs/register.yaml``'s affine stage
+    (``affine_model``, ``affine_loss``, ``init``, ``search_iterations``, ``overlap_margin``,
+    ``levels``; the finest level skipped, as there); the result is composed with the headers'
+    matrix."""
     settings = compose_config("register", [])
     header = header_matrix(item).to(device)
     shape = tuple(fixed.shape[2:])
@@ -160,6 +162,7 @@ def affine_start(
         on_fixed_grid,
         transform=str(settings.affine_model),
         loss=str(settings.affine_loss),
+        iterations=prestage_iterations(str(settings.affine_model), int(settings.levels)),
         init=str(settings.init),
         search_iterations=int(settings.search_iterations),
         overlap_margin=float(settings.overlap_margin),

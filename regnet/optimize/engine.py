@@ -355,7 +355,7 @@ def register(
             else _check_per_level(
                 affine_iterations
                 if affine_iterations is not None
-                else _prestage_iterations(kind, levels),
+                else prestage_iterations(kind, levels),
                 levels,
                 "affine_iterations",
             )
@@ -457,7 +457,7 @@ def _default_iterations(transform: str, levels: int) -> tuple[int, ...]:
     return (base[0],) * (levels - len(base)) + base
 
 
-def _prestage_iterations(kind: str, levels: int) -> tuple[int, ...]:
+def prestage_iterations(kind: str, levels: int) -> tuple[int, ...]:
     """Affine pre-stage of a deformable registration: the defaults without the finest level,
     the most expensive one, whose detail the deformable stage refines anyway."""
     steps = _default_iterations(kind, levels)

@@ -56,6 +56,9 @@ Methods, each run as a separate command with ``--threads`` threads (OMP, MKL, IT
   ``--regnet-args``; ``regnet:<label>`` variants add their own overrides (``--variant
   label="loss=mind+grad"``); its ``disp_mm.nii.gz`` is scored. Its whole-command time includes
   its own label evaluation (Dice, HD95), which ``--no-regnet-labels`` leaves out;
+* ``predict:<label>``: ``python predict.py pair=[F,M] out=DIR labels=[FL,ML]`` plus the
+  ``--predict label="ckpt=brain refine.steps=20"`` overrides (a network, e.g. the bundled brain
+  model, and its refinement), scored and timed as ``regnet``;
 * ``ants-affine``, ``ants-syn``: antspyx ``ants.registration(fixed, moving, "Affine" | "SyN")``
   with antspyx's defaults; the transforms composed into one field by ``apply_transforms(...,
   compose=...)``;
@@ -658,17 +661,23 @@ def run_command(command: list[str], threads: int, timeout: float) -> float:
 
 
 def run_regnet(
-    pair: Pair, out: Path, overrides: list[str], labels: bool, threads: int, timeout: float
+    method: str,
+    pair: Pair,
+    out: Path,
+    overrides: list[str],
+    labels: bool,
+    threads: int,
+    timeout: float,
 ):
-    """``register.py`` as users run it (with ``labels=[...]`` when ``labels``, so that its own
-    evaluation is timed too); returns ``(disp_mm, reg_s, total_s, warped_path)``."""
-    command = [
-        sys.executable,
-        str(ROOT / "register.py"),
-        f"fixed={pair.path('fixed')}",
-        f"moving={pair.path('moving')}",
-        f"out={out}",
-    ]
+    """``register.py`` (``regnet`` methods) or ``predict.py`` (``predict:`` methods) as users run
+    them (with ``labels=[...]`` when ``labels``, so that their own evaluation is timed too);
+    returns ``(disp_mm, reg_s, total_s, warped_path)``."""
+    fixed, moving = pair.path("fixed"), pair.path("moving")
+    if method.startswith("predict:"):
+        command = [sys.executable, str(ROOT / "predict.py"), f"pair=[{fixed},{moving}]"]
+    else:
+        command = [sys.executable, str(ROOT / "register.py"), f"fixed={fixed}", f"moving={moving}"]
+    command.append(f"out={out}")
     if labels:
         command.append(f"labels=[{pair.path('fixed_labels')},{pair.path('moving_labels')}]")
     command += overrides
@@ -759,9 +768,11 @@ def evaluate(
         if method in PEERS:
             disp, seconds, total, warped = run_peer(method, pair, out, args.threads, args.timeout)
         else:
-            overrides = shlex.split(args.regnet_args) + variants[method]
+            overrides = variants[method]
+            if not method.startswith("predict:"):
+                overrides = shlex.split(args.regnet_args) + overrides
             disp, seconds, total, warped = run_regnet(
-                pair, out, overrides, args.regnet_labels, args.threads, args.timeout
+                method, pair, out, overrides, args.regnet_labels, args.threads, args.timeout
             )
     except (MethodError, OSError, KeyError, ValueError) as error:
         return {"error": str(error)}
@@ -809,15 +820,20 @@ def time_ratios(rows: Sequence[dict], reference: str = REFERENCE) -> dict[str, d
     }
 
 
-def parse_variants(items: Sequence[str]) -> dict[str, list[str]]:
-    """``["mind=loss=mind+grad levels=4"]`` -> ``{"regnet:mind": ["loss=mind+grad", "levels=4"]}``
-    plus plain ``regnet`` with no extra overrides."""
+def parse_variants(items: Sequence[str], networks: Sequence[str] = ()) -> dict[str, list[str]]:
+    """``--variant`` ``["mind=loss=mind+grad levels=4"]`` -> ``{"regnet:mind": ["loss=mind+grad",
+    "levels=4"]}`` plus plain ``regnet`` with no extra overrides; ``--predict`` ``networks``
+    ``["brain=ckpt=brain refine.steps=20"]`` -> ``{"predict:brain": ["ckpt=brain", ...]}``."""
     variants = {"regnet": []}
-    for item in items:
-        label, sep, overrides = item.partition("=")
-        if not sep or not label:
-            raise SystemExit(f"--variant: expected LABEL=OVERRIDES, got {item!r}")
-        variants[f"regnet:{label}"] = shlex.split(overrides)
+    for prefix, option, entries in (
+        ("regnet", "--variant", items),
+        ("predict", "--predict", networks),
+    ):
+        for item in entries:
+            label, sep, overrides = item.partition("=")
+            if not sep or not label:
+                raise SystemExit(f"{option}: expected LABEL=OVERRIDES, got {item!r}")
+            variants[f"{prefix}:{label}"] = shlex.split(overrides)
     return variants
 
 
@@ -851,6 +867,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=[],
         help="LABEL=OVERRIDES defines method regnet:LABEL (repeatable)",
     )
+    parser.add_argument(
+        "--predict",
+        action="append",
+        default=[],
+        help="LABEL=OVERRIDES defines method predict:LABEL, a predict.py run, e.g. "
+        "'brain=ckpt=brain' (repeatable)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per method run")
@@ -869,7 +892,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.run_one:
         run_one(args.run_one, args.pair, args.out, args.threads)
         return
-    variants = parse_variants(args.variant)
+    variants = parse_variants(args.variant, args.predict)
     valid = ["truth", "header", *PEERS, *variants]
     default = ["truth", "header", *available_peers(), *variants]
     methods = choose(args.methods, valid, default, "--methods")
