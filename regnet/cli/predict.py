@@ -21,6 +21,7 @@ once; outputs are those of :mod:`regnet.outputs`. Images may be in any format of
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -205,16 +206,19 @@ def check_refine_settings(cfg: DictConfig) -> None:
 
 def predict(cfg: DictConfig) -> list[Path]:
     """Run ``predict`` for a composed ``configs/predict.yaml``; returns the output folders (with
-    ``submission=DIR`` only that folder: per-pair folders are not written then).
+    ``submission=DIR`` only that folder: per-pair folders are not written then; with a list,
+    ``out``: :func:`predict_list`).
 
-    Every input file and output folder is checked before the network runs; each pair's outputs
-    are staged and appear complete or not at all.
+    For ``pair=`` and ``submission=`` runs every input file and output folder is checked before
+    the network runs; each pair's outputs are staged and appear complete or not at all.
     """
     if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt is None:
         raise InputError("ckpt", "missing; pass ckpt=PATH to a checkpoint written by regnet-train")
     check_refine_settings(cfg)
     device = resolve_device(cfg.device)
     jobs = pair_specs(cfg)
+    if cfg.pair is None and cfg.submission is None:
+        return [predict_list(cfg, [spec for spec, _ in jobs], device)]
     for spec, out_dir in jobs:
         spec.check_files()
         if cfg.submission is None:
@@ -237,6 +241,26 @@ def predict(cfg: DictConfig) -> list[Path]:
             print(f"{out_dir}: {summary_line(result.metrics)}")
             written.append(out_dir)
     return written if submission is None else [Path(cfg.submission)]
+
+
+def predict_list(cfg: DictConfig, specs: list[PairSpec], device: torch.device) -> Path:
+    """The pairs of ``pairs=``/``learn2reg=`` through :mod:`regnet.cli.cohort` (ranks,
+    resume, ``summary.csv``); returns ``out``. The checkpoint is read here first, so that a bad
+    one stops the run before any pair."""
+    from regnet.cli.cohort import run_pair_folders  # Lightning is imported for lists only
+
+    @functools.cache
+    def network_on(rank_device: torch.device) -> Network:
+        return apply_preprocess_overrides(load_network(cfg.ckpt, rank_device), cfg)
+
+    network_on(device)
+
+    def run(inputs: PairInputs, rank_device: torch.device) -> RegistrationResult:
+        network = network_on(rank_device)
+        network.check_images(inputs.fixed.path, inputs.moving.path)
+        return predict_pair(network, inputs, rank_device, cfg)
+
+    return run_pair_folders(cfg, specs, f"ckpt:{cfg.ckpt}", run, summary_line)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

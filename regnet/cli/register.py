@@ -38,6 +38,7 @@ from regnet.cli.common import (
     PairSpec,
     as_pair,
     compose_config,
+    pairs_from_list,
     resolve_device,
     run_command,
 )
@@ -297,8 +298,31 @@ def register_pair(
     return complete_registration(inputs, GridField(disp, affine), seconds, **info)
 
 
+def run_list(cfg: DictConfig) -> Path:
+    """``pairs=LIST``: every row through :mod:`regnet.cli.cohort` (ranks, resume,
+    ``summary.csv``), outputs in ``<out>/<pair>/``; returns ``out``."""
+    from regnet.cli.cohort import run_pair_folders  # Lightning is imported for lists only
+
+    given = [key for key in ("fixed", "moving", "labels", "landmarks", "masks") if cfg.get(key)]
+    if given:
+        raise InputError(
+            f"{given[0]}/pairs",
+            "give fixed= and moving= or pairs=LIST (labels and landmarks as its columns)",
+        )
+    specs = pairs_from_list(cfg.pairs)
+
+    def run(inputs: PairInputs, device: torch.device) -> RegistrationResult:
+        return register_pair(inputs, None, device, cfg)
+
+    return run_pair_folders(cfg, specs, f"register:{cfg.transform}", run, summary_line)
+
+
 def run(cfg: DictConfig) -> Path:
     """Run ``register`` for a composed ``configs/register.yaml``; returns the output folder."""
+    if cfg.pairs is not None:
+        check_settings(cfg)
+        resolve_device(cfg.device)
+        return run_list(cfg)
     for key in ("fixed", "moving"):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
             raise InputError(key, f"missing; pass {key}=PATH to an image file")
