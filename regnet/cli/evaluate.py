@@ -4,6 +4,7 @@ Examples::
 
     python evaluate.py methods=[ckpt:model.ckpt,identity] pairs=list.csv out=eval
     python evaluate.py methods=[ckpt:model.ckpt] learn2reg=OASIS/OASIS_dataset.json split=val
+    python evaluate.py methods=[ckpt:model.ckpt,register:svf] pairs=list.csv devices=4 out=eval
 
 Methods: ``identity`` (no transform: the pair as it lies in world space), ``ckpt:PATH`` (a trained
 network, as ``predict.py`` runs it, with ``refine.steps`` of instance optimisation),
@@ -18,9 +19,18 @@ mean TRE (mm), % folding, SDlogJ, seconds), ``per_pair.json`` (every metric, per
 ``save_outputs=true`` each registration's files under ``<method>/<pair>/``. With
 ``submission=DIR`` (one method) the fields also go to a Learn2Reg submission folder, and with
 ``learn2reg=`` that folder is scored as the challenge scores it (``learn2reg.json``, and a table in
-``summary.md``; :mod:`regnet.cli.submission`). All of it appears at
-once at the end (staged); an ``out`` that already holds files is refused unless
-``overwrite=true``.
+``summary.md``; :mod:`regnet.cli.submission`).
+
+The pairs run in Lightning's prediction loop (:mod:`regnet.cli.cohort`): ``devices=N``
+(``num_nodes``, ``strategy``) processes share them, ``num_workers`` read them. Each (pair, method)
+is recorded in ``out/manifest/`` when done, its saved files complete (staged); a rerun registers
+only what is missing, failed or computed under other settings (a method added to ``methods``
+runs alone), ``overwrite=true`` everything. The tables are rewritten (each file whole) at the end
+from the manifest; a pair that fails is listed in them with its error and the others go on (exit
+status 2 at the end), unless ``fail_fast=true`` stops the run at it. An ``out`` that holds files
+but no manifest is refused unless ``overwrite=true``. The submission folder is written at once
+(staged) by one process, so with ``submission=`` every pair is registered again and
+``devices=1``.
 """
 
 from __future__ import annotations

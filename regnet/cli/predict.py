@@ -6,6 +6,7 @@ Examples::
     python predict.py ckpt=model.ckpt pair=[f.nii.gz,m.nii.gz] labels=[fl.nii.gz,ml.nii.gz] \\
         landmarks=[f.csv,m.csv] refine.steps=10 device=cuda
     python predict.py ckpt=model.ckpt pairs=list.csv out=results   # one subfolder per row
+    python predict.py ckpt=model.ckpt pairs=list.csv out=results devices=2 num_workers=2
     python predict.py ckpt=model2d.ckpt pair=[fixed.png,moving.png] out=result   # 2D network
     python predict.py ckpt=model.ckpt learn2reg=OASIS/OASIS_dataset.json split=test \\
         submission=OASIS_submission    # Learn2Reg fields only (regnet/cli/submission.py)
@@ -17,6 +18,13 @@ resampled onto the fixed image's own grid, and the original moving image and lab
 once; outputs are those of :mod:`regnet.outputs`. Images may be in any format of
 :mod:`regnet.data.io` and must have the network's dimension (2D or 3D). Bad input ends with one line
 ``error: <file>: <problem>`` and exit status 2 (:mod:`regnet.cli.common`).
+
+A list (``pairs=``, ``learn2reg=`` without ``submission=``) runs in Lightning's prediction loop
+(:mod:`regnet.cli.cohort`): ``devices``/``num_nodes`` processes share the pairs, each pair's
+folder is written whole by the process that registered it, ``out/manifest/`` records it, a rerun
+registers only the pairs not done with the same settings, a failing pair is listed in
+``out/summary.csv`` (one row per pair) while the others go on (``fail_fast=true``: the run stops
+there).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ Examples::
     python register.py fixed=f.png moving=m.png spacing=null out=result       # 2D, any ITK format
     python register.py fixed=f.nii.gz moving=m.nii.gz transform=bspline loss=lncc+bending \\
         labels=[fl.nii.gz,ml.nii.gz] landmarks=[f.csv,m.csv] masks=[fm.nii.gz,mm.nii.gz]
+    python register.py pairs=list.csv out=results devices=2     # one subfolder per row
 
 Both images (and masks) are resampled in world space onto one working grid: the fixed image's
 field of view, axes permuted/flipped to the nearest RAS orientation, at ``spacing`` mm
@@ -18,6 +19,10 @@ checked against the header alignment (:mod:`regnet.optimize.safeguard`), and
 :func:`regnet.pipeline.complete_registration` maps it onto the fixed image's own grid and warps the
 original moving image and labels once. Outputs are those of :mod:`regnet.outputs`. Bad input ends
 with one line ``error: <file or argument>: <problem>`` and exit status 2.
+
+``pairs=LIST`` (the list format of ``predict.py``; no masks) registers every row in Lightning's
+prediction loop (:mod:`regnet.cli.cohort`: ``devices``/``num_nodes`` processes, resumable,
+failures listed in ``out/summary.csv``), outputs in ``out/<pair>/``.
 """
 
 from __future__ import annotations
