@@ -95,6 +95,7 @@ RUN_SETTINGS = (
 ``config`` hash (the pair's files and the method are hashed per unit instead)."""
 
 BAD_INPUT = (InputError, DataError, OutputExistsError)
+"""Errors that are the input's fault: reported in one line, without a traceback."""
 
 
 class CohortError(RuntimeError):
@@ -167,6 +168,7 @@ class Manifest:
         self.folder = out / MANIFEST
 
     def exists(self) -> bool:
+        """Whether some process has recorded a unit in this folder."""
         return self.folder.is_dir()
 
     def lines(self) -> dict[Path, list[dict]]:
@@ -188,6 +190,7 @@ class Manifest:
         return {path: len(records) for path, records in self.lines().items()}
 
     def since(self, snapshot: dict[Path, int]) -> list[dict]:
+        """The lines written after ``snapshot`` was taken, every rank's."""
         return [
             record
             for path, records in self.lines().items()
