@@ -205,11 +205,12 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def _json_ready(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
+    """``value`` with numbers, tensors and paths as JSON values (non-finite floats as ``None``)."""
     if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, (np.generic, torch.Tensor)):
         return value.item()
     if isinstance(value, float) and not np.isfinite(value):
@@ -223,7 +224,7 @@ def metrics_record(inputs: PairInputs, result: RegistrationResult) -> dict[str, 
     """The content of ``metrics.json``: the result's metrics, then ``inputs`` (files by role),
     ``info`` (method and settings given to :func:`regnet.pipeline.complete_registration`) and
     ``versions``."""
-    return _json_ready(
+    return json_ready(
         {
             **result.metrics,
             "inputs": inputs.describe(),

@@ -12,7 +12,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from benchmark import markdown_table, parse_shape  # noqa: E402
-from benchmarks import accuracy, models  # noqa: E402
+from benchmarks import accuracy, cohort, models  # noqa: E402
 
 from regnet.spatial import warp  # noqa: E402
 
@@ -166,3 +166,21 @@ def test_baselines_method_names_carry_optional_iterations():
     assert baselines.split_iterations("syn") == ("syn", None)
     with pytest.raises(SystemExit):
         baselines.main(["--methods", "syn:10-10", "--data", "nowhere"])
+
+
+def test_cohort_benchmark_writes_a_readable_pair_list(tmp_path):
+    from regnet.cli.common import pairs_from_list
+
+    listing = cohort.write_pairs(tmp_path, count=2, size=24, seed=0)
+    specs = pairs_from_list(listing)
+    names = [f"00{n}_00{n - 1}_moving_to_00{n - 1}_fixed" for n in (1, 2)]
+    assert [spec.name for spec in specs] == names
+    inputs = specs[1].load()
+    assert inputs.fixed.shape == (24, 24, 24) and inputs.fixed.spacing == (2.0, 2.0, 2.0)
+    labels = inputs.moving_labels.data
+    assert labels.dtype == torch.int64 and 1 < len(labels.unique()) <= 8
+    # the runs compare every cell but ``seconds``; text cells must match exactly
+    first = [{"pair": "a", "dice_mean": "0.5", "tre_mean_mm": ""}]
+    second = [{"pair": "a", "dice_mean": "0.25", "tre_mean_mm": ""}]
+    assert cohort.largest_difference(first, second) == 0.25
+    assert cohort.largest_difference(first, [dict(second[0], pair="b")]) == float("inf")

@@ -4,6 +4,7 @@ Examples::
 
     python evaluate.py methods=[ckpt:model.ckpt,identity] pairs=list.csv out=eval
     python evaluate.py methods=[ckpt:model.ckpt] learn2reg=OASIS/OASIS_dataset.json split=val
+    python evaluate.py methods=[ckpt:model.ckpt,register:svf] pairs=list.csv devices=4 out=eval
 
 Methods: ``identity`` (no transform: the pair as it lies in world space), ``ckpt:PATH`` (a trained
 network, as ``predict.py`` runs it, with ``refine.steps`` of instance optimisation),
@@ -18,14 +19,24 @@ mean TRE (mm), % folding, SDlogJ, seconds), ``per_pair.json`` (every metric, per
 ``save_outputs=true`` each registration's files under ``<method>/<pair>/``. With
 ``submission=DIR`` (one method) the fields also go to a Learn2Reg submission folder, and with
 ``learn2reg=`` that folder is scored as the challenge scores it (``learn2reg.json``, and a table in
-``summary.md``; :mod:`regnet.cli.submission`). All of it appears at
-once at the end (staged); an ``out`` that already holds files is refused unless
-``overwrite=true``.
+``summary.md``; :mod:`regnet.cli.submission`).
+
+The pairs run in Lightning's prediction loop (:mod:`regnet.cli.cohort`): ``devices=N``
+(``num_nodes``, ``strategy``) processes share them, ``num_workers`` read them. Each (pair, method)
+is recorded in ``out/manifest/`` when done, its saved files complete (staged); a rerun registers
+only what is missing, failed or computed under other settings (a method added to ``methods``
+runs alone), ``overwrite=true`` everything. The tables are rewritten (each file whole) at the end
+from the manifest; a pair that fails is listed in them with its error and the others go on (exit
+status 2 at the end), unless ``fail_fast=true`` stops the run at it. An ``out`` that holds files
+but no manifest is refused unless ``overwrite=true``. The submission folder is written at once
+(staged) by one process, so with ``submission=`` every pair is registered again and
+``devices=1``.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -38,6 +49,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from regnet.cli.cohort import (
+    COLUMNS,
+    Cohort,
+    check_cohort_out,
+    result_row,
+    rows_csv,
+    run_cohort,
+    settings_of,
+    write_text_atomic,
+)
 from regnet.cli.common import (
     InputError,
     PairSpec,
@@ -58,7 +79,7 @@ from regnet.cli.submission import (
     write_submission_field,
 )
 from regnet.data.layouts import Learn2RegDataset
-from regnet.outputs import staged_output, write_registration
+from regnet.outputs import write_registration
 from regnet.pipeline import (
     GridField,
     PairInputs,
@@ -68,9 +89,6 @@ from regnet.pipeline import (
     load_network,
     registration_metrics,
 )
-
-COLUMNS = ("dice_mean", "hd95_mean", "tre_mean_mm", "folding_percent", "sdlogj", "seconds")
-"""Per-pair metrics in ``per_pair.csv`` and the summary, in this order."""
 
 
 @dataclass
@@ -186,16 +204,6 @@ def evaluation_pairs(cfg: DictConfig) -> list[PairSpec]:
     return learn2reg_pairs(cfg.learn2reg, str(cfg.split))
 
 
-def pair_row(method: str, spec: PairSpec, metrics: dict) -> dict:
-    """A ``per_pair.csv`` row: method, pair, files and :data:`COLUMNS` (empty when absent)."""
-    tre = metrics.get("tre_mm") or {}
-    values = dict(metrics, tre_mean_mm=tre.get("mean"))
-    row = {"method": method, "pair": spec.name, "fixed": str(spec.fixed)}
-    row["moving"] = str(spec.moving)
-    row.update({column: values.get(column) for column in COLUMNS})
-    return row
-
-
 def summarise(rows: Sequence[dict], methods: Sequence[str]) -> list[dict]:
     """Per method and column: mean, std (population) and count over pairs with a value."""
     summary = []
@@ -247,46 +255,71 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "method"
 
 
+def failures_markdown(failures: Sequence[dict]) -> str:
+    """The failed (pair, method) units as a Markdown list (empty text when none failed)."""
+    if not failures:
+        return ""
+    lines = [f"- {r['pair']} {r['method']}: {r['error']}" for r in failures]
+    return f"\nFailed ({len(failures)}):\n\n" + "\n".join(lines) + "\n"
+
+
 def evaluate(cfg: DictConfig) -> Path:
-    """Run ``evaluate`` for a composed ``configs/evaluate.yaml``; returns the output folder."""
+    """Run ``evaluate`` for a composed ``configs/evaluate.yaml``; returns the output folder.
+
+    The pairs go through :mod:`regnet.cli.cohort` (ranks, resume, failures); global rank 0
+    writes the tables from the manifest. Methods are built here first, so that a bad one stops
+    the run before any pair.
+    """
     device = resolve_device(cfg.device)
     check_refine_settings(cfg)
     specs = evaluation_pairs(cfg)
-    for spec in specs:
-        spec.check_files()
     scoring = None
     if cfg.submission is not None:
         check_submission(cfg, specs)
+        if cfg.devices != 1 or cfg.num_nodes != 1:
+            raise InputError("submission", "is written at once by one process: devices=1")
         scoring = learn2reg_config(cfg)
     out = Path(cfg.out)
-    with staged_output(out, bool(cfg.overwrite)) as staging, submission_folder(cfg) as submission:
-        methods = build_methods(cfg, device)
-        rows, records = [], []
-        for spec in specs:
-            inputs = spec.load()
-            for method in methods:
-                result = method.run(inputs)
-                rows.append(pair_row(method.name, spec, result.metrics))
-                records.append({"method": method.name, "pair": spec.name, **result.metrics})
-                if cfg.save_outputs:
-                    target = staging / _slug(method.name) / spec.name
-                    write_registration(target, inputs, result)
-                if submission is not None:
-                    write_submission_field(submission, inputs, result)
-                print(f"{method.name} {spec.name}: " + _brief(rows[-1]), flush=True)
-        with open(staging / "per_pair.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        (staging / "per_pair.json").write_text(json.dumps(records, indent=2) + "\n")
-        summary = summarise(rows, [m.name for m in methods])
-        (staging / "summary.csv").write_text(summary_csv(summary))
-        markdown = summary_markdown(summary)
-        if scoring is not None:
-            report = staging / "learn2reg.json"
-            markdown += "\n" + score_submission(submission, cfg, scoring, report)
-        (staging / "summary.md").write_text(markdown)
-    print(markdown, end="")
+    check_cohort_out(out, bool(cfg.overwrite))
+
+    @functools.cache
+    def methods_on(rank_device: torch.device) -> dict[str, Method]:
+        return {method.name: method for method in build_methods(cfg, rank_device)}
+
+    names = list(methods_on(device))
+    with submission_folder(cfg) as submission:
+
+        def run(method: str, inputs: PairInputs, rank_device: torch.device) -> RegistrationResult:
+            return methods_on(rank_device)[method].run(inputs)
+
+        def write(method: str, spec: PairSpec, inputs: PairInputs, result) -> str:
+            if cfg.save_outputs:
+                target = out / _slug(method) / spec.name
+                write_registration(target, inputs, result, overwrite=True)
+            if submission is not None:
+                write_submission_field(submission, inputs, result)
+            return f"{method} {spec.name}: " + _brief(result_row(method, spec, result.metrics))
+
+        cohort = Cohort(specs, names, out, settings_of(cfg), run, write)
+        # a submission folder is written at once: every pair is registered again for it
+        report = run_cohort(cohort, cfg, redo=bool(cfg.overwrite) or submission is not None)
+        if report is None:
+            return out
+        write_text_atomic(out / "per_pair.csv", rows_csv(report.rows))
+        records = [
+            {"method": r["method"], "pair": r["pair"], **(r["metrics"] or {"error": r["error"]})}
+            for r in report.records
+        ]
+        write_text_atomic(out / "per_pair.json", json.dumps(records, indent=2) + "\n")
+        summary = summarise(report.rows, names)
+        write_text_atomic(out / "summary.csv", summary_csv(summary))
+        markdown = summary_markdown(summary) + failures_markdown(report.failures)
+        if scoring is not None and not report.failures:
+            report_path = out / "learn2reg.json"
+            markdown += "\n" + score_submission(submission, cfg, scoring, report_path)
+        write_text_atomic(out / "summary.md", markdown)
+        print(markdown, end="")
+        report.conclude(out / "summary.md")  # failures: the submission folder is not kept
     return out
 
 

@@ -6,6 +6,7 @@ Examples::
     python predict.py ckpt=model.ckpt pair=[f.nii.gz,m.nii.gz] labels=[fl.nii.gz,ml.nii.gz] \\
         landmarks=[f.csv,m.csv] refine.steps=10 device=cuda
     python predict.py ckpt=model.ckpt pairs=list.csv out=results   # one subfolder per row
+    python predict.py ckpt=model.ckpt pairs=list.csv out=results devices=2 num_workers=2
     python predict.py ckpt=model2d.ckpt pair=[fixed.png,moving.png] out=result   # 2D network
     python predict.py ckpt=model.ckpt learn2reg=OASIS/OASIS_dataset.json split=test \\
         submission=OASIS_submission    # Learn2Reg fields only (regnet/cli/submission.py)
@@ -17,10 +18,18 @@ resampled onto the fixed image's own grid, and the original moving image and lab
 once; outputs are those of :mod:`regnet.outputs`. Images may be in any format of
 :mod:`regnet.data.io` and must have the network's dimension (2D or 3D). Bad input ends with one line
 ``error: <file>: <problem>`` and exit status 2 (:mod:`regnet.cli.common`).
+
+A list (``pairs=``, ``learn2reg=`` without ``submission=``) runs in Lightning's prediction loop
+(:mod:`regnet.cli.cohort`): ``devices``/``num_nodes`` processes share the pairs, each pair's
+folder is written whole by the process that registered it, ``out/manifest/`` records it, a rerun
+registers only the pairs not done with the same settings, a failing pair is listed in
+``out/summary.csv`` (one row per pair) while the others go on (``fail_fast=true``: the run stops
+there).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -276,10 +285,11 @@ def check_refine_settings(cfg: DictConfig) -> None:
 
 def predict(cfg: DictConfig) -> list[Path]:
     """Run ``predict`` for a composed ``configs/predict.yaml``; returns the output folders (with
-    ``submission=DIR`` only that folder: per-pair folders are not written then).
+    ``submission=DIR`` only that folder: per-pair folders are not written then; with a list,
+    ``out``: :func:`predict_list`).
 
-    Every input file and output folder is checked before the network runs; each pair's outputs
-    are staged and appear complete or not at all.
+    For ``pair=`` and ``submission=`` runs every input file and output folder is checked before
+    the network runs; each pair's outputs are staged and appear complete or not at all.
     """
     if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt is None:
         raise InputError(
@@ -288,6 +298,8 @@ def predict(cfg: DictConfig) -> list[Path]:
     check_refine_settings(cfg)
     device = resolve_device(cfg.device)
     jobs = pair_specs(cfg)
+    if cfg.pair is None and cfg.submission is None:
+        return [predict_list(cfg, [spec for spec, _ in jobs], device)]
     for spec, out_dir in jobs:
         spec.check_files()
         if cfg.submission is None:
@@ -310,6 +322,26 @@ def predict(cfg: DictConfig) -> list[Path]:
             print(f"{out_dir}: {summary_line(result.metrics)}")
             written.append(out_dir)
     return written if submission is None else [Path(cfg.submission)]
+
+
+def predict_list(cfg: DictConfig, specs: list[PairSpec], device: torch.device) -> Path:
+    """The pairs of ``pairs=``/``learn2reg=`` through :mod:`regnet.cli.cohort` (ranks,
+    resume, ``summary.csv``); returns ``out``. The checkpoint is read here first, so that a bad
+    one stops the run before any pair."""
+    from regnet.cli.cohort import run_pair_folders  # Lightning is imported for lists only
+
+    @functools.cache
+    def network_on(rank_device: torch.device) -> Network:
+        return apply_preprocess_overrides(load_network(cfg.ckpt, rank_device), cfg)
+
+    network_on(device)
+
+    def run(inputs: PairInputs, rank_device: torch.device) -> RegistrationResult:
+        network = network_on(rank_device)
+        network.check_images(inputs.fixed.path, inputs.moving.path)
+        return predict_pair(network, inputs, rank_device, cfg)
+
+    return run_pair_folders(cfg, specs, f"ckpt:{cfg.ckpt}", run, summary_line)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,6 +7,7 @@ Examples::
     python register.py fixed=f.png moving=m.png spacing=null out=result       # 2D, any ITK format
     python register.py fixed=f.nii.gz moving=m.nii.gz transform=bspline loss=lncc+bending \\
         labels=[fl.nii.gz,ml.nii.gz] landmarks=[f.csv,m.csv] masks=[fm.nii.gz,mm.nii.gz]
+    python register.py pairs=list.csv out=results devices=2     # one subfolder per row
 
 Both images (and masks) are resampled in world space onto one working grid: the fixed image's
 field of view, axes permuted/flipped to the nearest RAS orientation, at ``spacing`` mm
@@ -18,6 +19,10 @@ checked against the header alignment (:mod:`regnet.optimize.safeguard`), and
 :func:`regnet.pipeline.complete_registration` maps it onto the fixed image's own grid and warps the
 original moving image and labels once. Outputs are those of :mod:`regnet.outputs`. Bad input ends
 with one line ``error: <file or argument>: <problem>`` and exit status 2.
+
+``pairs=LIST`` (the list format of ``predict.py``; no masks) registers every row in Lightning's
+prediction loop (:mod:`regnet.cli.cohort`: ``devices``/``num_nodes`` processes, resumable,
+failures listed in ``out/summary.csv``), outputs in ``out/<pair>/``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from regnet.cli.common import (
     PairSpec,
     as_pair,
     compose_config,
+    pairs_from_list,
     resolve_device,
     run_command,
 )
@@ -297,8 +303,31 @@ def register_pair(
     return complete_registration(inputs, GridField(disp, affine), seconds, **info)
 
 
+def run_list(cfg: DictConfig) -> Path:
+    """``pairs=LIST``: every row through :mod:`regnet.cli.cohort` (ranks, resume,
+    ``summary.csv``), outputs in ``<out>/<pair>/``; returns ``out``."""
+    from regnet.cli.cohort import run_pair_folders  # Lightning is imported for lists only
+
+    given = [key for key in ("fixed", "moving", "labels", "landmarks", "masks") if cfg.get(key)]
+    if given:
+        raise InputError(
+            f"{given[0]}/pairs",
+            "give fixed= and moving= or pairs=LIST (labels and landmarks as its columns)",
+        )
+    specs = pairs_from_list(cfg.pairs)
+
+    def run(inputs: PairInputs, device: torch.device) -> RegistrationResult:
+        return register_pair(inputs, None, device, cfg)
+
+    return run_pair_folders(cfg, specs, f"register:{cfg.transform}", run, summary_line)
+
+
 def run(cfg: DictConfig) -> Path:
     """Run ``register`` for a composed ``configs/register.yaml``; returns the output folder."""
+    if cfg.pairs is not None:
+        check_settings(cfg)
+        resolve_device(cfg.device)
+        return run_list(cfg)
     for key in ("fixed", "moving"):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
             raise InputError(key, f"missing; pass {key}=PATH to an image file")

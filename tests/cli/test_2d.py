@@ -127,10 +127,10 @@ def test_dimension_mismatches_give_one_line_and_write_nothing(checkpoint, tmp_pa
     listing = tmp_path / "pairs.csv"
     listing.write_text("fixed,moving\na.png,v.nii.gz\n")
     args = [f"methods=[identity,ckpt:{checkpoint}]", f"pairs={listing}", f"out={tmp_path / 'e'}"]
-    status, err = run(evaluate_main, args, capsys)
+    status, err = run(evaluate_main, [*args, "fail_fast=true"], capsys)
     assert status == 2 and err.count("\n") == 1
     assert err.startswith(f"error: {volume}: is 3D, the fixed image {png} is 2D")
-    assert not (tmp_path / "e").exists()
+    assert not (tmp_path / "e" / "summary.md").exists()
 
 
 def test_evaluate_over_a_2d_pair_list(checkpoint, tmp_path, capsys):

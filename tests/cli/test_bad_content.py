@@ -1,9 +1,12 @@
 """Images that cannot be registered (empty, constant, out of each other's field of view) and
 masks that select nothing: ``register.py``, ``predict.py`` and ``evaluate.py`` each stop with one
-line naming the file and the problem, exit status 2, and write nothing."""
+line naming the file and the problem, exit status 2, and write nothing; over a list, the bad row
+is listed and the others go on (or, with ``fail_fast=true``, the run stops at it)."""
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -93,15 +96,33 @@ def test_predict_refuses(case, fixed, checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_evaluate_refuses_the_whole_run(case, fixed, tmp_path, capsys):
-    """A bad row stops the evaluation as every other bad file does: no partial tables."""
+def test_evaluate_lists_a_bad_row_and_goes_on_or_stops_with_fail_fast(
+    case, fixed, tmp_path, capsys
+):
+    """A bad row is listed with its error and the other rows are evaluated (exit status 2 at
+    the end); with ``fail_fast=true`` the run stops there with the file's one line and writes no
+    tables."""
     moving, problem = bad_moving(case, tmp_path)
     listing = tmp_path / "pairs.csv"
     listing.write_text(f"fixed,moving\nfixed.nii.gz,fixed.nii.gz\nfixed.nii.gz,{moving.name}\n")
-    before = sorted(tmp_path.iterdir())
-    args = [f"pairs={listing}", "methods=[identity]", f"out={tmp_path / 'eval'}", "device=cpu"]
+    out = tmp_path / "eval"
+    args = [f"pairs={listing}", "methods=[identity]", f"out={out}", "device=cpu"]
+    status, err = run(evaluate_main, args, capsys)
+    bad = err.splitlines()[0]
+    assert status == 2 and bad.startswith(f"failed: 002_{moving.name.split('.')[0]}_to_fixed")
+    assert f"identity: {moving}: {problem}" in bad
+    assert err.splitlines()[1].startswith(f"error: {out / 'summary.md'}: 1 of 2 results failed")
+    with open(out / "per_pair.csv", newline="") as handle:
+        good, failed = csv.DictReader(handle)
+    assert good["error"] == "" and float(good["sdlogj"]) == 0.0 and good["dice_mean"] == ""
+    assert failed["error"].startswith(f"{moving}: {problem}") and failed["sdlogj"] == ""
+    stopped = tmp_path / "stopped"
+    listing.write_text(f"fixed,moving\nfixed.nii.gz,{moving.name}\nfixed.nii.gz,fixed.nii.gz\n")
+    args = [f"pairs={listing}", "methods=[identity]", f"out={stopped}", "fail_fast=true"]
     assert_refused(*run(evaluate_main, args, capsys), moving, problem)
-    assert sorted(tmp_path.iterdir()) == before
+    assert [p.name for p in stopped.iterdir()] == ["manifest"]  # no tables
+    (line,) = (stopped / "manifest" / "rank0.jsonl").read_text().splitlines()  # the 2nd never ran
+    assert json.loads(line)["status"] == "failed"
 
 
 def test_register_refuses_a_mask_that_selects_nothing(fixed, tmp_path, capsys):

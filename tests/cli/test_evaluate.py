@@ -88,6 +88,7 @@ def test_methods_side_by_side_over_a_pair_list(checkpoint, pair_list, tmp_path, 
     status, err = run_main(main, args, capsys)
     assert status == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
+        "manifest",
         "per_pair.csv",
         "per_pair.json",
         "summary.csv",

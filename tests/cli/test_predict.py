@@ -7,6 +7,7 @@ with SciPy at each fixed voxel's world position and turned into mm with NumPy.
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -163,7 +164,13 @@ def test_pairs_list_writes_one_folder_per_row(checkpoint, files, tmp_path, capsy
     status, err = run_main([f"ckpt={checkpoint}", f"pairs={listing}", f"out={out}"], capsys)
     assert status == 0, err
     folders = sorted(p.name for p in out.iterdir())
-    assert folders == ["001_moving_to_fixed", "002_fixed_to_moving"]
+    assert folders == ["001_moving_to_fixed", "002_fixed_to_moving", "manifest", "summary.csv"]
+    with open(out / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["pair"] for row in rows] == folders[:2]
+    for row, folder in zip(rows, folders[:2], strict=True):
+        metrics = json.loads((out / folder / "metrics.json").read_text())
+        assert float(row["sdlogj"]) == pytest.approx(metrics["sdlogj"], rel=1e-12)
     second = nib.load(str(out / folders[1] / "warped.nii.gz"))
     assert second.shape == MOVING_SHAPE
     np.testing.assert_allclose(second.affine, MOVING_AFFINE, atol=1e-6)
