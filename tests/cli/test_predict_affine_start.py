@@ -103,7 +103,7 @@ def test_affine_start_recovers_a_rotated_pair_the_network_alone_cannot(
     plain = run_predict(checkpoint, files, tmp_path / "plain", "affine_start=false")
     started = run_predict(checkpoint, files, tmp_path / "start", "affine_start=true")
     assert plain["dice_mean"] < 0.65
-    assert started["dice_mean"] > 0.8  # 2 mm voxels, small ventricles
+    assert started["dice_mean"] > 0.75  # 2 mm voxels, small ventricles; finest level skipped
     scores = started["info"]["start_check"]["scores"]
     assert list(scores) == ["header", "affine", "network"]
     assert started["info"]["start_check"]["kept"] in ("affine", "network")
