@@ -6,16 +6,19 @@ field, a different contrast per image; labels for Dice) in ``--work``, then runs
 ``evaluate.py methods=<--methods> pairs=<list>``:
 
 1. in one process with ``--threads`` threads;
-2. in ``--devices`` processes (Lightning DDP, gloo on the CPU) with ``--threads / --devices``
-   threads each, so both runs have the same cores;
-3. the second command again, unchanged: every pair is done, so it measures what a resume costs
+2. in one process with ``--threads / --devices`` threads, the per-process thread count of run 3
+   (per-pair metrics must be identical to run 3's: the optimisation's floating-point sums depend
+   on the thread count, so runs 1 and 3 differ slightly);
+3. in ``--devices`` processes (Lightning DDP, gloo on the CPU) with ``--threads / --devices``
+   threads each, so runs 1 and 3 have the same cores;
+4. the third command again, unchanged: every pair is done, so it measures what a resume costs
    per skipped pair (reading the list and the manifest, starting the command).
 
 Reported (Markdown, ``--markdown``): wall-clock seconds of each command (start-up included),
 pairs per minute and seconds per pair from them, the loop's own time and peak memory from the
-command's throughput line, the throughput ratio of the two first runs, and whether the per-pair
-metrics of runs 1 and 2 are identical (every column of ``per_pair.csv`` but ``seconds``; where
-they are not, the largest difference, which thread counts can cause).
+command's throughput line, the throughput ratio of runs 3 and 1, and whether the per-pair metrics
+of runs 2 and 3 are identical (every column of ``per_pair.csv`` but ``seconds``; where they are
+not, the largest difference), with the largest difference between runs 1 and 3.
 
 Example: ``python scripts/benchmarks/cohort.py --pairs 24 --size 48 --markdown cohort.md``.
 """
@@ -113,7 +116,10 @@ def largest_difference(first: list[dict], second: list[dict]) -> float:
     return largest
 
 
-def report(runs: dict[str, dict], count: int, identical: bool, difference: float) -> str:
+def report(runs: dict[str, dict], count: int, same: float, threads: float) -> str:
+    """Markdown table of ``runs`` (one process, one process with fewer threads, several
+    processes, the resume) and the ratios; ``same``: the largest per-pair difference between
+    runs 2 and 3, ``threads``: between runs 1 and 3."""
     lines = [
         "| run | processes × threads | wall s | pairs/min (wall) | s/pair (wall) "
         "| loop s/pair | peak MiB per process |",
@@ -128,13 +134,14 @@ def report(runs: dict[str, dict], count: int, identical: bool, difference: float
             f"| {name} | {run['layout']} | {run['wall_s']:.1f} | {rate} | {per_pair:.2f} "
             f"| {loop} | {run['peak_mib']} |"
         )
-    one, many, resume = runs.values()
-    verdict = "identical" if identical else f"differ (largest difference {difference:.3g})"
+    one, single, many, resume = runs.values()
+    verdict = "identical" if same == 0 else f"differ (largest difference {same:.3g})"
     lines += [
         "",
         f"Throughput ratio ({many['layout']} / {one['layout']}, wall): "
         f"{one['wall_s'] / many['wall_s']:.2f}; loop only: {one['loop_s'] / many['loop_s']:.2f}.",
-        f"Per-pair metrics of the two runs: {verdict}.",
+        f"Per-pair metrics, {many['layout']} against {single['layout']}: {verdict}; against "
+        f"{one['layout']} (other thread count): largest difference {threads:.3g}.",
         f"Resume (all {count} pairs done): {resume['wall_s'] / count:.3f} s per skipped pair "
         f"({resume['wall_s']:.1f} s for the command).",
     ]
@@ -160,12 +167,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     common = [f"pairs={listing}", f"methods=[{args.methods}]", "device=cpu"]
     if args.register:
         common.append(f"register={args.register}")
-    outs = {"one": args.work / "one", "many": args.work / "many"}
+    outs = {name: args.work / name for name in ("one", "single", "many")}
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
     threads = args.threads // args.devices
     layouts = {
         "1 process": (f"1 × {args.threads}", ["devices=1", f"out={outs['one']}"], args.threads),
+        f"1 process, {threads} thread(s)": (
+            f"1 × {threads}",
+            ["devices=1", f"out={outs['single']}"],
+            threads,
+        ),
         f"{args.devices} processes": (
             f"{args.devices} × {threads}",
             [f"devices={args.devices}", f"out={outs['many']}"],
@@ -177,9 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, (layout, extra, count) in layouts.items():
         runs[name] = dict(run_evaluate([*common, *extra], count, args.timeout), layout=layout)
         print(f"{name}: {runs[name]['wall_s']:.1f} s", flush=True)
-    first, second = per_pair(outs["one"]), per_pair(outs["many"])
-    identical = first == second
-    text = report(runs, args.pairs, identical, largest_difference(first, second))
+    one, single, many = (per_pair(outs[name]) for name in ("one", "single", "many"))
+    text = report(runs, args.pairs, largest_difference(single, many), largest_difference(one, many))
     heading = (
         f"### {args.pairs} pairs of {args.size}³ voxels, methods={args.methods}"
         + (f", register={args.register}" if args.register else "")
