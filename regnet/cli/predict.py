@@ -139,14 +139,12 @@ def header_ddf(item: dict, device: torch.device) -> torch.Tensor:
 
 
 def wants_affine_start(network: Network, setting: object) -> bool:
-    """``affine_start=`` ``setting``: ``true``/``false``, or ``auto``: the checkpoint's own
-    ``predict.affine_start`` (networks trained on affinely aligned pairs, such as the bundled
-    brain model, record it; :mod:`regnet.bundled`), else false."""
+    """``affine_start=`` ``setting`` (checked by :func:`check_refine_settings`): ``true`` or
+    ``false``, or ``auto``: the checkpoint's own ``predict.affine_start`` (networks trained on
+    affinely aligned pairs record it; :mod:`regnet.bundled`), else false."""
     if setting == "auto":
         return bool((network.config.get("predict") or {}).get("affine_start", False))
-    if isinstance(setting, bool):
-        return setting
-    raise InputError("affine_start", f"must be auto, true or false, got {setting}")
+    return bool(setting)
 
 
 def affine_start(
@@ -182,8 +180,10 @@ def affine_start(
 
 
 def after_affine(matrix: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
-    """The DDF of ``ddf`` (on the fixed grid, into the affinely aligned moving image) followed by
-    ``matrix``: ``x -> A (x + ddf(x))``, exact for the affine part (no resampling of it)."""
+    """The DDF ``(1, ndim, *S)`` (voxels of the fixed grid, backward, tensor axis order) of
+    ``ddf`` (fixed grid -> the affinely aligned moving image) followed by ``matrix`` (fixed voxel
+    -> moving voxel): ``x -> A (x + ddf(x)) + t - x``, exact for the affine part (not
+    resampled)."""
     grid = identity_grid(ddf.shape[2:], ddf.device, torch.float64)
     mapped = apply_affine(matrix.to(ddf.device), grid + ddf.double())
     return (mapped - grid).float()
@@ -273,12 +273,15 @@ def summary_line(metrics: dict) -> str:
 
 
 def check_refine_settings(cfg: DictConfig) -> None:
-    """Reject bad ``refine.*`` settings before anything runs (:class:`InputError`)."""
+    """Reject bad ``refine.*`` and ``affine_start`` settings before anything runs
+    (:class:`InputError`)."""
     if int(cfg.refine.steps) < 0:
         raise InputError("refine.steps", f"must be >= 0, got {cfg.refine.steps}")
     if cfg.refine.transform not in REFINE_TRANSFORMS:
         choices = " or ".join(REFINE_TRANSFORMS)
         raise InputError("refine.transform", f"must be {choices}, got {cfg.refine.transform}")
+    if cfg.get("affine_start", "auto") not in ("auto", True, False):
+        raise InputError("affine_start", f"must be auto, true or false, got {cfg.affine_start}")
     if int(cfg.refine.levels) < 1:
         raise InputError("refine.levels", f"must be >= 1, got {cfg.refine.levels}")
 

@@ -144,3 +144,11 @@ def test_bundling_refuses_a_file_not_from_regnet_train(tmp_path):
     with pytest.raises(DataError, match="not a regnet-train checkpoint"):
         bundle_checkpoint(path, tmp_path / "y.ckpt")
     assert not (tmp_path / "y.ckpt").exists()
+
+
+def test_a_bad_affine_start_setting_is_refused_before_any_pair(checkpoint, rotated_pair, tmp_path):
+    files, _ = rotated_pair
+    with pytest.raises(SystemExit) as stop:
+        run_predict(checkpoint, files, tmp_path / "bad", "affine_start=maybe")
+    assert stop.value.code == 2
+    assert not (tmp_path / "bad").exists()
