@@ -212,11 +212,18 @@ class RegistrationModule(L.LightningModule):
 
         Returns ``fixed``, ``moving``, ``warped``, ``ddf`` and those of ``fixed_label``,
         ``warped_label`` (when the loss needs them), ``target_ddf``, ``fixed_mask`` that apply.
+        A batch with ``fixed_target`` and ``moving_target`` (images on the same grids as the
+        network's inputs, e.g. the shared-contrast renders of
+        :class:`~regnet.data.synth_brain.SynthBrainPairs`) gives the similarity terms those
+        images as ``fixed`` and ``moving``/``warped``; the network still sees ``fixed`` and
+        ``moving``.
         """
         fixed, moving = batch["fixed"], batch["moving"]
         outputs = self(fixed, moving)
         with torch.autocast(device_type=fixed.device.type, enabled=False):
             ddf = outputs["ddf"].float()
+            if "fixed_target" in batch and "moving_target" in batch:
+                fixed, moving = batch["fixed_target"], batch["moving_target"]
             fixed, moving = fixed.float(), moving.float()
             inputs = {"fixed": fixed, "moving": moving, "ddf": ddf, "warped": warp(moving, ddf)}
             if set(self.loss.requires) & set(LABEL_INPUTS):

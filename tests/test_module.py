@@ -102,6 +102,35 @@ def test_validation_metrics_match_independent_computation(tmp_path):
     assert metrics["val/sdlogj"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_similarity_targets_replace_the_inputs_in_the_similarity_only():
+    """With fixed_target/moving_target in the batch, `mse` compares the warped moving target
+    with the fixed target, while the network still receives fixed and moving."""
+    offsets = (2, -1)
+    ddf = torch.tensor(offsets, dtype=torch.float32).view(2, 1, 1).expand(2, *SHAPE)
+    seen = {}
+
+    class Recording(FixedField):
+        def forward(self, fixed, moving):
+            seen["fixed"], seen["moving"] = fixed, moving
+            return super().forward(fixed, moving)
+
+    module = RegistrationModule(Recording(ddf), loss="mse")
+    generator = torch.Generator().manual_seed(0)
+    batch = {k: torch.rand(1, 1, *SHAPE, generator=generator) for k in ("fixed", "moving")}
+    batch["fixed_target"] = torch.rand(1, 1, *SHAPE, generator=generator)
+    batch["moving_target"] = torch.rand(1, 1, *SHAPE, generator=generator)
+    total, _ = module._loss(module._register(batch))
+    warped = shift(batch["moving_target"][0, 0].numpy(), offsets)
+    expected = np.mean((warped - batch["fixed_target"][0, 0].numpy()) ** 2)
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
+    assert seen["fixed"] is batch["fixed"] and seen["moving"] is batch["moving"]
+    plain = {k: batch[k] for k in ("fixed", "moving")}
+    on_inputs = np.mean(
+        (shift(plain["moving"][0, 0].numpy(), offsets) - plain["fixed"][0, 0].numpy()) ** 2
+    )
+    assert float(module._loss(module._register(plain))[0].detach()) == pytest.approx(on_inputs, rel=1e-5)
+
+
 def test_folding_field_is_counted(tmp_path):
     # u_0 = -2 i: d(i + u_0)/di = -1, so det J = -1 at every voxel.
     ddf = torch.zeros(2, *SHAPE)

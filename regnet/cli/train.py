@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -75,6 +76,31 @@ def build_module(cfg: DictConfig) -> RegistrationModule:
     )
 
 
+def load_network_weights(
+    module: RegistrationModule, checkpoint: Mapping[str, Any], path: str | Path
+) -> None:
+    """Copy the network weights of ``checkpoint`` (read from ``path``) into ``module``.
+
+    Raises:
+        DataError: the checkpoint has no weights, or they do not fit the configured model.
+    """
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise DataError(f"{path}: init_weights: not a regnet-train checkpoint (no state_dict)")
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    resized = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or resized:
+        first = (missing or unexpected or resized)[0]
+        raise DataError(
+            f"{path}: init_weights do not fit the configured model ({len(missing)} weights "
+            f"missing, {len(unexpected)} unexpected, {len(resized)} of another shape; first: "
+            f"{first})"
+        )
+    module.load_state_dict(state, strict=True)
+
+
 def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> L.Trainer:
     """Fit, then validate (and test, if the datamodule has a ``test`` set) the best checkpoint.
 
@@ -82,9 +108,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> L.Trainer:
         cfg: composed ``train`` config (without the ``hydra`` node).
         callbacks: extra Lightning callbacks, added to those of ``cfg.callbacks``.
 
-    Every checkpoint (``ckpt_path`` to resume from, the best one) is read with
-    ``weights_only=True`` (:mod:`regnet.checkpoint`); ``ckpt_path`` is checked before anything
-    is written.
+    Every checkpoint (``ckpt_path`` to resume from, ``init_weights`` to start from, the best
+    one) is read with ``weights_only=True`` (:mod:`regnet.checkpoint`), and checked before
+    anything is written.
 
     Returns:
         The trainer after the last stage; ``trainer.callback_metrics`` holds the final metrics.
@@ -94,15 +120,21 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> L.Trainer:
     """
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path)
+    if cfg.get("ckpt_path") and cfg.get("init_weights"):
+        raise DataError(
+            "give ckpt_path (resume a run) or init_weights (start a run from weights), not both"
+        )
     if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
     _resolve_auto_monitor(cfg)
+    module = build_module(cfg)
+    if cfg.get("init_weights"):
+        load_network_weights(module, read_checkpoint(cfg.init_weights), cfg.init_weights)
     output_dir = Path(cfg.paths.output_dir)
     if rank_zero_only.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     datamodule = instantiate(cfg.data, _convert_="all")
-    module = build_module(cfg)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=[*_instantiate_all(cfg.get("callbacks")), *callbacks],

@@ -62,6 +62,7 @@ SHELLS = ("csf", "skull", "scalp")
 
 _SHELL_MM = ((0.0, 3.0), (2.0, 7.0), (2.0, 7.0))  # thickness range of each shell
 _SHELL_SIGMA = 2.0  # voxels; Gaussian blur of the brain mask whose level sets bound the shells
+_TARGET_SIGMA = 1.0  # voxels; blur of the similarity targets (widens their gradients' reach)
 
 # Tissue means per contrast, columns: background, CSF, white, grey, deep grey, skull, scalp.
 _PRESETS = torch.tensor(
@@ -114,6 +115,20 @@ class SynthBrainPairs(Dataset):
         thick_slice_prob, max_slice_factor: probability and largest slab of the thick slices.
         max_noise_std: noise standard deviation uniform in ``[0, max]`` (image in ``[0, 1]``).
         gamma_std: the normalised image is raised to ``exp(g)``, ``g ~ N(0, gamma_std)``.
+        easy_prob: probability of an easy pair: both sides rendered with the T1-like preset
+            (the same jittered intensity per label), shells hidden, no blur, bias, thick
+            slices, noise or gamma; the geometry is that of any pair.
+        curriculum_items: over item indices ``0 .. curriculum_items`` that probability falls
+            linearly from 1 to ``easy_prob`` (a training epoch of an unlimited dataset
+            draws indices ``epoch * length + permutation``, so the index tracks training
+            progress): a network first learns to match clean same-contrast pairs, then the
+            invariances, instead of staying at the zero field (docs/models.md).
+        similarity_targets: also return ``fixed_target`` and ``moving_target`` ``(1, *S)``: the
+            two label maps rendered with one shared random intensity per label (background
+            and shells 0), blurred by 1 voxel, no bias or noise. Image similarity on them
+            (``loss=mse+...``, :class:`~regnet.RegistrationModule` uses them in place of the
+            inputs) is a dense signal that needs no contrast invariance from the loss; it
+            breaks the plateau where Dice alone leaves the field at zero (docs/models.md).
         device: where items are generated and returned (``None``: CPU); on a GPU use the
             DataModule with ``num_workers=0`` and ``pin_memory=false``.
     """
@@ -152,6 +167,9 @@ class SynthBrainPairs(Dataset):
         max_slice_factor: int = 5,
         max_noise_std: float = 0.05,
         gamma_std: float = 0.25,
+        easy_prob: float = 0.0,
+        curriculum_items: int = 0,
+        similarity_targets: bool = False,
         device: str | torch.device | None = None,
     ) -> None:
         self.shape = tuple(int(n) for n in shape)
@@ -221,6 +239,14 @@ class SynthBrainPairs(Dataset):
         self.max_noise_std = float(max_noise_std)
         self.gamma_std = float(gamma_std)
         self.render_classes = _render_classes(self.num_labels)
+        self.similarity_targets = bool(similarity_targets)
+        if not 0 <= easy_prob <= 1 or curriculum_items < 0:
+            raise ValueError(
+                f"{name}: easy_prob must lie in [0, 1] and curriculum_items be >= 0, "
+                f"got {easy_prob}, {curriculum_items}"
+            )
+        self.easy_prob = float(easy_prob)
+        self.curriculum_items = int(curriculum_items)
 
     def __len__(self) -> int:
         return self.length
@@ -228,13 +254,31 @@ class SynthBrainPairs(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:
             raise IndexError(f"{type(self).__name__}: index must be >= 0, got {index}")
+        easy = self.easy_prob_at(int(index))
         if self.device.type != "cpu":
-            return self.generate(item_generator(self.seed, int(index)))
+            return self.generate(item_generator(self.seed, int(index)), easy)
         with one_thread():
-            return self.generate(item_generator(self.seed, int(index)))
+            return self.generate(item_generator(self.seed, int(index)), easy)
 
-    def generate(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Draw one pair from the CPU ``generator``; see the class docstring for the keys."""
+    def easy_prob_at(self, index: int) -> float:
+        """Probability that item ``index`` is easy: 1 at index 0, falling linearly to
+        ``easy_prob`` at ``curriculum_items`` and staying there."""
+        if index >= self.curriculum_items:
+            return self.easy_prob
+        return 1.0 - index / self.curriculum_items * (1.0 - self.easy_prob)
+
+    def generate(
+        self, generator: torch.Generator, easy_prob: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Draw one pair from the CPU ``generator``; see the class docstring for the keys.
+
+        ``easy_prob`` (default: the ``easy_prob`` setting) is the probability of an easy pair:
+        both sides rendered with the T1-like preset (the same jittered intensity per label),
+        shells hidden, without blur, bias, thick slices, noise or gamma (geometry as for any
+        pair).
+        """
+        if easy_prob is None:
+            easy_prob = self.easy_prob
         source = self._source(generator)
         pose = self._affine_ddf(generator, self.pose_rotation, self.pose_translation, rigid=True)
         render = warp_labels(source, pose, "nearest")
@@ -242,13 +286,26 @@ class SynthBrainPairs(Dataset):
         target_ddf = self._random_field(generator)
         moving_label = torch.where(render < self.num_labels, render, 0)
         fixed_label, fixed_render = self._warp_render(render, moving_label, target_ddf)
-        return {
-            "fixed": self._render(fixed_render, generator)[0],
-            "moving": self._render(render, generator)[0],
+        if self._rand(generator, 1).item() < easy_prob:
+            means = self._means(generator, easy=True)
+            fixed, moving = (_normalise(means[m]) for m in (fixed_render, render))
+        else:
+            fixed = self._render(fixed_render, self._means(generator), generator)
+            moving = self._render(render, self._means(generator), generator)
+        item = {
+            "fixed": fixed[0],
+            "moving": moving[0],
             "fixed_label": fixed_label[0],
             "moving_label": moving_label[0],
             "target_ddf": target_ddf[0],
         }
+        if self.similarity_targets:
+            means = self._rand(generator, self.num_labels).to(self.device)
+            means[0] = 0.0
+            for side in ("fixed", "moving"):
+                target = gaussian_smooth(means[item[f"{side}_label"]][None], _TARGET_SIGMA)
+                item[f"{side}_target"] = target[0]
+        return item
 
     def _warp_render(
         self, render: torch.Tensor, labels: torch.Tensor, ddf: torch.Tensor
@@ -337,14 +394,17 @@ class SynthBrainPairs(Dataset):
         return compose(affine, local)
 
     # ------------------------------------------------------------------ rendering
-    def _means(self, generator: torch.Generator) -> torch.Tensor:
+    def _means(self, generator: torch.Generator, easy: bool = False) -> torch.Tensor:
         """Intensity per render label ``(K + 3,)``: a preset contrast with jitter, or random;
-        shells hidden (background intensity) unless this side shows them."""
+        shells hidden (background intensity) unless this side shows them. ``easy``: the
+        T1-like preset, shells hidden."""
         count = self.render_classes.numel()
-        contrast = int(torch.multinomial(self.contrast_weights, 1, generator=generator))
+        contrast = (
+            0 if easy else int(torch.multinomial(self.contrast_weights, 1, generator=generator))
+        )
         jitter = torch.randn(count, generator=generator) * self.contrast_jitter
         uniform = self._rand(generator, count)
-        show_shells = self._rand(generator, 1).item() < self.shell_prob
+        show_shells = self._rand(generator, 1).item() < self.shell_prob and not easy
         if CONTRASTS[contrast] == "random":
             means = uniform
         else:
@@ -353,9 +413,12 @@ class SynthBrainPairs(Dataset):
             means[self.num_labels :] = means[0]
         return means.to(self.device)
 
-    def _render(self, render: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Image ``(1, 1, *S)`` in ``[0, 1]`` from a render label map ``(1, 1, *S)``."""
-        image = self._means(generator)[render]
+    def _render(
+        self, render: torch.Tensor, means: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Image ``(1, 1, *S)`` in ``[0, 1]`` from a render label map ``(1, 1, *S)`` and the
+        intensity per render label ``means`` (:meth:`_means`)."""
+        image = means[render]
         draws = self._rand(generator, 6)
         image = gaussian_smooth(image, self.max_blur_sigma * draws[0].item())
         bias = smooth_noise(self.shape, 1, self.bias_spacing, generator, self.device)
@@ -366,10 +429,14 @@ class SynthBrainPairs(Dataset):
             image = thick_slices(image, axis, factor)
         noise = torch.randn(image.shape, generator=generator).to(self.device)
         image = image + self.max_noise_std * draws[5].item() * noise
-        low, high = image.min(), image.max()
-        image = ((image - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
         gamma = math.exp(self.gamma_std * torch.randn(1, generator=generator).item())
-        return image**gamma
+        return _normalise(image) ** gamma
+
+
+def _normalise(image: torch.Tensor) -> torch.Tensor:
+    """Min-max normalisation to ``[0, 1]``."""
+    low, high = image.min(), image.max()
+    return ((image - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
 
 
 def thick_slices(image: torch.Tensor, axis: int, factor: int) -> torch.Tensor:

@@ -131,6 +131,7 @@ class StartState(Callback):
     def on_train_start(self, trainer, pl_module):
         self.step = trainer.global_step
         self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
+        self.weights = copy.deepcopy(pl_module.state_dict())
 
 
 def test_resume_restores_step_and_optimizer(tmp_path):
@@ -166,6 +167,41 @@ def test_resume_from_a_checkpoint_carrying_code_is_refused(tmp_path):
     assert result.stderr.count("\n") == 1
     assert not marker.exists()
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_init_weights_start_a_new_run_from_a_checkpoints_network(tmp_path):
+    first = train(compose_train(tmp_path / "a", "data.train.length=3", "trainer.max_steps=3"))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    start = StartState()
+    second = train(
+        compose_train(
+            tmp_path / "b", "data.train.length=3", "trainer.max_steps=2", f"init_weights={last}"
+        ),
+        [start],
+    )
+    assert first.global_step > 0 and start.step == 0 and second.global_step > 0
+    assert start.optimizer["state"] == {}  # a fresh optimiser
+    for name, value in saved.items():  # the weights it started from
+        torch.testing.assert_close(start.weights[name], value)
+
+
+def test_init_weights_that_do_not_fit_fail_in_one_line_before_writing(tmp_path):
+    train(compose_train(tmp_path / "a", "data.train.length=3", "trainer.max_steps=1"))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "experiment=debug",
+        "model.enc_channels=[4,8]",
+        f"init_weights={last}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {last}: init_weights do not fit the configured model")
+    assert result.stderr.count("\n") == 1
+    assert not (run_dir / "config.yaml").exists()
+    both = run_cli("experiment=debug", f"init_weights={last}", f"ckpt_path={last}")
+    assert both.returncode == 2 and "not both" in both.stderr
 
 
 def test_last_checkpoint_holds_the_final_step(tmp_path):

@@ -14,7 +14,7 @@ from scipy import ndimage
 from regnet.cli.config import config_dir
 from regnet.data.label_bank import BRAIN_LABELS, build_label_bank, load_label_bank
 from regnet.data.synth_brain import SynthBrainPairs, thick_slices
-from regnet.spatial import matrix_from_ddf, warp_labels
+from regnet.spatial import matrix_from_ddf, warp, warp_labels
 from regnet.spatial.affine import rotation_angle_degrees
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,6 +152,59 @@ def test_contrasts_differ_between_the_two_sides(bank):
     fixed = label_means(same["fixed"], same["fixed_label"], values)
     moving = label_means(same["moving"], same["moving_label"], values)
     assert np.corrcoef(fixed, moving)[0, 1] > 0.99  # one preset on both sides: same contrast
+
+
+def test_easy_pairs_share_one_t1_contrast_without_corruption(bank):
+    data = SynthBrainPairs(SHAPE, bank=bank, bank_fraction=1.0, seed=3, easy_prob=1.0)
+    for index in range(4):
+        item = data[index]
+        for side in ("fixed", "moving"):
+            image, labels = item[side], item[f"{side}_label"]
+            assert label_r2(image, labels) > 0.999  # no blur, bias, noise or slices
+            assert float(image[labels == 0].max()) == 0.0  # shells hidden
+            white = float(image[labels == 2].mean())
+            cortex = float(image[(labels >= 4) & (labels <= 9)].mean())
+            csf = float(image[labels == 1].mean())
+            assert white > cortex > csf  # T1-like
+        values = sorted(
+            set(item["fixed_label"].unique().tolist()) & set(item["moving_label"].unique().tolist())
+        )
+        fixed = label_means(item["fixed"], item["fixed_label"], values)
+        moving = label_means(item["moving"], item["moving_label"], values)
+        np.testing.assert_allclose(fixed, moving, atol=1e-5)  # one contrast on both sides
+
+
+def test_curriculum_lowers_the_share_of_easy_pairs_with_the_index(bank):
+    data = SynthBrainPairs(SHAPE, bank=bank, easy_prob=0.2, curriculum_items=100)
+    assert data.easy_prob_at(0) == 1.0
+    assert data.easy_prob_at(50) == pytest.approx(0.6)
+    assert data.easy_prob_at(100) == data.easy_prob_at(10_000) == 0.2
+    late = [data[10_000 + i] for i in range(8)]
+    early = [data[i] for i in range(8)]
+
+    def clean(item):
+        return label_r2(item["fixed"], item["fixed_label"]) > 0.999
+
+    assert all(clean(item) for item in early)
+    assert sum(clean(item) for item in late) <= 5
+    with pytest.raises(ValueError, match="easy_prob"):
+        SynthBrainPairs(SHAPE, bank=bank, easy_prob=1.5)
+
+
+def test_similarity_targets_render_both_label_maps_with_one_contrast(bank):
+    data = SynthBrainPairs(SHAPE, bank=bank, bank_fraction=1.0, seed=2, similarity_targets=True)
+    for index in range(4):
+        item = data[index]
+        fixed, moving = item["fixed_target"][None], item["moving_target"][None]
+        assert fixed.shape == moving.shape == (1, 1, *SHAPE)
+        assert float(fixed[0, 0][item["fixed_label"][0] == 0].min()) >= 0.0
+        aligned = warp(moving, item["target_ddf"][None])
+        before = float((moving - fixed).square().mean())
+        after = float((aligned - fixed).square().mean())
+        assert after < 0.2 * before  # the known field aligns the targets
+    plain = SynthBrainPairs(SHAPE, bank=bank, bank_fraction=1.0, seed=2)[0]
+    assert "fixed_target" not in plain
+    assert torch.equal(plain["fixed"], data[0]["fixed"])  # the inputs do not change
 
 
 def test_labels_explain_the_image_inside_the_brain(bank):
