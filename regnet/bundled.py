@@ -3,8 +3,8 @@
 A bundled checkpoint is a regnet-train checkpoint stripped to what prediction reads (the
 ``model.*`` weights, the resolved training config, the regnet version, the training step) and
 stored under ``regnet/weights/``. :func:`resolve_checkpoint` turns a name into that file; a path
-to a file always wins over a name. How each model was trained and how it measures:
-``docs/models.md``.
+to a file always wins over a name. How each model is trained and how it measures:
+docs/benchmarks.md, "Training the brain network" (no weights are bundled yet).
 """
 
 from __future__ import annotations

@@ -122,13 +122,15 @@ class SynthBrainPairs(Dataset):
             linearly from 1 to ``easy_prob`` (a training epoch of an unlimited dataset
             draws indices ``epoch * length + permutation``, so the index tracks training
             progress): a network first learns to match clean same-contrast pairs, then the
-            invariances, instead of staying at the zero field (docs/models.md).
+            invariances, instead of staying at the zero field (docs/benchmarks.md, "Training
+            the brain network").
         similarity_targets: also return ``fixed_target`` and ``moving_target`` ``(1, *S)``: the
             two label maps rendered with one shared random intensity per label (background
             and shells 0), blurred by 1 voxel, no bias or noise. Image similarity on them
             (``loss=mse+...``, :class:`~regnet.RegistrationModule` uses them in place of the
             inputs) is a dense signal that needs no contrast invariance from the loss; it
-            breaks the plateau where Dice alone leaves the field at zero (docs/models.md).
+            breaks the plateau where Dice alone leaves the field at zero (docs/benchmarks.md,
+            "Training the brain network").
         device: where items are generated and returned (``None``: CPU); on a GPU use the
             DataModule with ``num_workers=0`` and ``pin_memory=false``.
     """
