@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -354,6 +355,22 @@ def test_train_command_runs_a_few_steps(tmp_path, bank):
     trainer = train(cfg)
     assert trainer.global_step == 3
     assert 0.0 <= float(trainer.callback_metrics["val/dice"]) <= 1.0
+
+    # the stage-evaluation script scores the checkpoint on bank pairs of three renderings
+    sys.path.insert(0, str(ROOT / "scripts" / "benchmarks"))
+    from synth_brain_dice import RENDERINGS, dice_table
+
+    table = dice_table(str(tmp_path / "checkpoints" / "last.ckpt"), bank, pairs=1)
+    assert set(table) == set(RENDERINGS)
+    item = SynthBrainPairs(
+        (32, 32, 32), bank=bank, bank_fraction=1.0, seed=1, length=1,
+        **{k: cfg.data.train[k] for k in ("max_rotation_deg", "max_translation_mm", "max_log_scale",
+                                          "max_shear", "velocity_std_mm", "velocity_spacing_mm",
+                                          "pose_rotation_deg", "pose_translation_mm")},
+    )[0]  # fmt: skip
+    identity, network = table["all"]
+    assert identity == pytest.approx(dice(item["moving_label"], item["fixed_label"]), abs=1e-6)
+    assert 0.0 <= network <= 1.0
 
 
 @pytest.mark.skipif(
