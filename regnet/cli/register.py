@@ -247,6 +247,7 @@ def register_pair(
             search_iterations=int(cfg.search_iterations),
             integration_steps=int(cfg.integration_steps),
             exact_svf_gradient=bool(cfg.exact_svf_gradient),
+            mind_sampling=None if cfg.mind_sampling is None else str(cfg.mind_sampling),
             affine_first=bool(cfg.affine_first),
             affine_model=str(cfg.affine_model),
             affine_iterations=_tuple(cfg.affine_iterations, "affine_iterations"),

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from regnet.losses.composite import DEFAULT_WEIGHTS
 from regnet.optimize.initialize import centre_of_mass_translation, search_level
 from regnet.optimize.levels import (
     Level,
@@ -44,6 +45,7 @@ from regnet.optimize.levels import (
 )
 from regnet.optimize.overlap import overlap_region
 from regnet.optimize.pyramid import downsample, level_shapes, level_step
+from regnet.optimize.sampled import SampledMIND
 from regnet.optimize.transforms import (
     AffineParameters,
     BSplineField,
@@ -62,6 +64,7 @@ AFFINE_TRANSFORMS = ("rigid", "affine")
 DEFORMABLE_TRANSFORMS = ("bspline", "ddf", "svf")
 TRANSFORMS = AFFINE_TRANSFORMS + DEFORMABLE_TRANSFORMS
 INITS = ("identity", "com", "search")
+MIND_SAMPLING = (None, "coarse", "all")
 
 DEFAULT_ITERATIONS = {
     "rigid": (100, 60, 30),
@@ -152,6 +155,7 @@ def register(
     control_spacing: float = 5.0,
     integration_steps: int = 7,
     exact_svf_gradient: bool = True,
+    mind_sampling: str | None = None,
     device: str | torch.device | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` by gradient descent; both on the same grid.
@@ -213,6 +217,14 @@ def register(
         exact_svf_gradient: ``svf``: differentiate through scaling and squaring (``True``) or
             hand the displacement's gradient to the velocity unchanged (first order in the
             velocity; skips the costliest backward pass).
+        mind_sampling: deformable stage, when ``loss`` holds ``mind`` and its other terms need
+            only the field (e.g. ``"mind+grad"``): ``None`` evaluates the dense ``mind`` term on
+            the warped image on every level; ``"coarse"`` (every level but the finest) or
+            ``"all"`` compare warped moving descriptors at sampled fixed voxels instead
+            (:class:`regnet.optimize.sampled.SampledMIND`). On those levels the other terms
+            see the field on the grid of its parameters, in its voxels (an SVF's exponential
+            on the velocity grid), unless ``initial_ddf`` is given or the transform is
+            ``bspline``.
         device: where to compute (default: ``fixed``'s device).
 
     Returns:
@@ -223,6 +235,9 @@ def register(
         raise ValueError(f"transform must be one of {list(TRANSFORMS)}, got {transform!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+    if mind_sampling not in MIND_SAMPLING:
+        choices = list(MIND_SAMPLING)
+        raise ValueError(f"mind_sampling must be one of {choices}, got {mind_sampling!r}")
     if affine_model not in AFFINE_TRANSFORMS:
         raise ValueError(f"affine_model must be 'rigid' or 'affine', got {affine_model!r}")
     device = torch.device(device) if device is not None else fixed.device
@@ -379,6 +394,8 @@ def register(
     if deformable and overlap is not None:  # ... the deformable one also the warped moving one
         for level in pyramid:
             level.moving_mask = downsample(moving_fg, level.shape)
+    if deformable and mind_sampling is not None:
+        _use_sampled_mind(pyramid, mind_sampling, matrix, loss, weights, loss_options)
     if deformable:
         rate = DEFAULT_LR[transform] if lr is None else lr
         carried = None  # the optimised update, passed from level to level
@@ -414,13 +431,16 @@ def register(
                         return initial + dense()
                     return after(initial, dense())
 
+            # The sampled similarity reads a dense field on its own grid (an SVF's exponential
+            # on the velocity grid), so it is neither upsampled nor regularised at level size.
+            evaluated = local_field
+            if level.sampled is not None and bspline is None and initial is None:
+                evaluated = dense.displacement
             record = LevelHistory(transform, level.index, level.shape)
             history.append(record)
             run_adam(
                 params,
-                lambda level=level, local_field=local_field: objective(
-                    level, matrix, local_field()
-                ),
+                lambda level=level, evaluated=evaluated: objective(level, matrix, evaluated()),
                 iterations[level.index],
                 level_rate,
                 record,
@@ -443,6 +463,43 @@ def register(
         history=history,
         seconds=time.perf_counter() - start,
     )
+
+
+def _use_sampled_mind(
+    pyramid: Sequence[Level],
+    levels: str,
+    matrix: torch.Tensor | None,
+    loss: str | None,
+    weights: Mapping[str, float] | None,
+    options: Mapping[str, Mapping[str, Any]] | None,
+) -> None:
+    """Give the ``levels`` (``"all"`` or ``"coarse"``: all but the finest) a
+    :class:`SampledMIND` in place of the ``mind`` term of ``loss``, ``level.loss`` keeping the
+    other terms; nothing changes unless ``loss`` holds ``mind`` and its other terms need only
+    the field."""
+    names = [name.strip() for name in (loss or "").split("+") if name.strip()]
+    if "mind" not in names:
+        return
+    rest = "+".join(name for name in names if name != "mind")
+    rest_loss = level_loss(rest, terms_of(rest, weights), terms_of(rest, options), 7)
+    if rest_loss is not None and set(rest_loss.requires) != {"ddf"}:
+        return
+    mind_options = dict((options or {}).get("mind", {}))
+    weight = float((weights or {}).get("mind", DEFAULT_WEIGHTS["mind"]))
+    finest = len(pyramid) - 1
+    for level in pyramid:
+        if levels == "coarse" and level.index == finest:
+            continue
+        level.sampled = SampledMIND(
+            level.fixed,
+            level.moving,
+            level.fixed_mask,
+            level.moving_mask,
+            None if matrix is None else level.level_matrix(matrix),
+            **mind_options,
+        )
+        level.sampled_weight = weight
+        level.loss = rest_loss
 
 
 def _mean(values: Sequence[float]) -> float:

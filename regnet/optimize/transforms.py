@@ -126,15 +126,17 @@ class DenseField(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """Displacement ``(1, ndim, *shape)`` in level voxels."""
+        return resize_ddf(self.displacement(), self.shape)
+
+    def displacement(self) -> torch.Tensor:
+        """The displacement on the parameter grid ``(1, ndim, *P)``, in its voxels: the field
+        itself, or the velocity's exponential."""
         field = self.field()
         if not self.diffeomorphic:
             return field
-        exponential = (
-            integrate(field, self.steps)
-            if self.exact_gradient
-            else _ExpFirstOrderGradient.apply(field, self.steps)
-        )
-        return resize_ddf(exponential, self.shape)
+        if self.exact_gradient:
+            return integrate(field, self.steps)
+        return _ExpFirstOrderGradient.apply(field, self.steps)
 
 
 class _ExpFirstOrderGradient(torch.autograd.Function):
