@@ -12,7 +12,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from benchmark import markdown_table, parse_shape  # noqa: E402
-from benchmarks import accuracy, cohort, models  # noqa: E402
+from benchmarks import accuracy, cohort, intersubject, models  # noqa: E402
 
 from regnet.spatial import warp  # noqa: E402
 
@@ -184,3 +184,18 @@ def test_cohort_benchmark_writes_a_readable_pair_list(tmp_path):
     second = [{"pair": "a", "dice_mean": "0.25", "tre_mean_mm": ""}]
     assert cohort.largest_difference(first, second) == 0.25
     assert cohort.largest_difference(first, [dict(second[0], pair="b")]) == float("inf")
+
+
+def test_intersubject_variants_start_from_register_py_defaults():
+    import inspect
+
+    from regnet.optimize import register
+
+    defaults = intersubject.engine_settings([])
+    assert set(defaults) <= set(inspect.signature(register).parameters)
+    assert defaults["mind_sampling"] is True and defaults["loss"] == "mind+grad"
+    dense = intersubject.engine_settings(["mind_sampling=false", "polish_iterations=0"])
+    assert dense["mind_sampling"] is False and dense["polish_iterations"] == 0
+    assert {k: v for k, v in dense.items() if k not in ("mind_sampling", "polish_iterations")} == {
+        k: v for k, v in defaults.items() if k not in ("mind_sampling", "polish_iterations")
+    }

@@ -128,7 +128,9 @@ def test_similarity_targets_replace_the_inputs_in_the_similarity_only():
     on_inputs = np.mean(
         (shift(plain["moving"][0, 0].numpy(), offsets) - plain["fixed"][0, 0].numpy()) ** 2
     )
-    assert float(module._loss(module._register(plain))[0].detach()) == pytest.approx(on_inputs, rel=1e-5)
+    assert float(module._loss(module._register(plain))[0].detach()) == pytest.approx(
+        on_inputs, rel=1e-5
+    )
 
 
 def test_folding_field_is_counted(tmp_path):

@@ -64,7 +64,6 @@ AFFINE_TRANSFORMS = ("rigid", "affine")
 DEFORMABLE_TRANSFORMS = ("bspline", "ddf", "svf")
 TRANSFORMS = AFFINE_TRANSFORMS + DEFORMABLE_TRANSFORMS
 INITS = ("identity", "com", "search")
-MIND_SAMPLING = (None, "coarse", "all")
 
 DEFAULT_ITERATIONS = {
     "rigid": (100, 60, 30),
@@ -155,7 +154,8 @@ def register(
     control_spacing: float = 5.0,
     integration_steps: int = 7,
     exact_svf_gradient: bool = True,
-    mind_sampling: str | None = None,
+    mind_sampling: bool = False,
+    polish_iterations: int = 0,
     device: str | torch.device | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` by gradient descent; both on the same grid.
@@ -218,13 +218,14 @@ def register(
             hand the displacement's gradient to the velocity unchanged (first order in the
             velocity; skips the costliest backward pass).
         mind_sampling: deformable stage, when ``loss`` holds ``mind`` and its other terms need
-            only the field (e.g. ``"mind+grad"``): ``None`` evaluates the dense ``mind`` term on
-            the warped image on every level; ``"coarse"`` (every level but the finest) or
-            ``"all"`` compare warped moving descriptors at sampled fixed voxels instead
-            (:class:`regnet.optimize.sampled.SampledMIND`). On those levels the other terms
-            see the field on the grid of its parameters, in its voxels (an SVF's exponential
-            on the velocity grid), unless ``initial_ddf`` is given or the transform is
-            ``bspline``.
+            only the field (e.g. ``"mind+grad"``): compare warped moving descriptors at sampled
+            fixed voxels (:class:`regnet.optimize.sampled.SampledMIND`) instead of the dense
+            ``mind`` term of the warped image. The other terms then see the field on the grid
+            of its parameters, in its voxels (an SVF's exponential on the velocity grid),
+            unless ``initial_ddf`` is given or the transform is ``bspline``.
+        polish_iterations: with ``mind_sampling``, this many further Adam steps on the finest
+            level with the dense terms, at half the learning rate, after the sampled ones (the
+            finest detail is where warped descriptors fall short of recomputed ones).
         device: where to compute (default: ``fixed``'s device).
 
     Returns:
@@ -235,9 +236,8 @@ def register(
         raise ValueError(f"transform must be one of {list(TRANSFORMS)}, got {transform!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
-    if mind_sampling not in MIND_SAMPLING:
-        choices = list(MIND_SAMPLING)
-        raise ValueError(f"mind_sampling must be one of {choices}, got {mind_sampling!r}")
+    if polish_iterations < 0:
+        raise ValueError(f"polish_iterations must be >= 0, got {polish_iterations}")
     if affine_model not in AFFINE_TRANSFORMS:
         raise ValueError(f"affine_model must be 'rigid' or 'affine', got {affine_model!r}")
     device = torch.device(device) if device is not None else fixed.device
@@ -394,8 +394,8 @@ def register(
     if deformable and overlap is not None:  # ... the deformable one also the warped moving one
         for level in pyramid:
             level.moving_mask = downsample(moving_fg, level.shape)
-    if deformable and mind_sampling is not None:
-        _use_sampled_mind(pyramid, mind_sampling, matrix, loss, weights, loss_options)
+    if deformable and mind_sampling:
+        _use_sampled_mind(pyramid, matrix, loss, weights, loss_options)
     if deformable:
         rate = DEFAULT_LR[transform] if lr is None else lr
         carried = None  # the optimised update, passed from level to level
@@ -445,6 +445,19 @@ def register(
                 level_rate,
                 record,
             )
+            if level.sampled is not None and level.index == levels - 1 and polish_iterations:
+                level.sampled, level.loss = None, level.dense_loss
+                record = LevelHistory("polish", level.index, level.shape)
+                history.append(record)
+                run_adam(
+                    params,
+                    lambda level=level, local_field=local_field: objective(
+                        level, matrix, local_field()
+                    ),
+                    polish_iterations,
+                    level_rate / 2,
+                    record,
+                )
             with torch.no_grad():
                 if bspline is None:
                     carried = dense.field().detach()
@@ -467,16 +480,14 @@ def register(
 
 def _use_sampled_mind(
     pyramid: Sequence[Level],
-    levels: str,
     matrix: torch.Tensor | None,
     loss: str | None,
     weights: Mapping[str, float] | None,
     options: Mapping[str, Mapping[str, Any]] | None,
 ) -> None:
-    """Give the ``levels`` (``"all"`` or ``"coarse"``: all but the finest) a
-    :class:`SampledMIND` in place of the ``mind`` term of ``loss``, ``level.loss`` keeping the
-    other terms; nothing changes unless ``loss`` holds ``mind`` and its other terms need only
-    the field."""
+    """Give every level a :class:`SampledMIND` in place of the ``mind`` term of ``loss``,
+    ``level.loss`` keeping the other terms (``level.dense_loss`` all of them); nothing changes
+    unless ``loss`` holds ``mind`` and its other terms need only the field."""
     names = [name.strip() for name in (loss or "").split("+") if name.strip()]
     if "mind" not in names:
         return
@@ -486,10 +497,7 @@ def _use_sampled_mind(
         return
     mind_options = dict((options or {}).get("mind", {}))
     weight = float((weights or {}).get("mind", DEFAULT_WEIGHTS["mind"]))
-    finest = len(pyramid) - 1
     for level in pyramid:
-        if levels == "coarse" and level.index == finest:
-            continue
         level.sampled = SampledMIND(
             level.fixed,
             level.moving,
@@ -499,7 +507,7 @@ def _use_sampled_mind(
             **mind_options,
         )
         level.sampled_weight = weight
-        level.loss = rest_loss
+        level.dense_loss, level.loss = level.loss, rest_loss
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -50,6 +50,8 @@ class Level:
     """Deformable stage: a :class:`regnet.optimize.sampled.SampledMIND` taking the place of the
     ``mind`` term, ``loss`` then holding the remaining (field-only) terms, or ``None``."""
     sampled_weight: float = 1.0
+    dense_loss: Any = None
+    """With ``sampled``: the deformable loss with its dense ``mind`` term."""
 
     def level_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
         """A full-resolution voxel matrix expressed in this level's voxels: ``D⁻¹ M D``."""

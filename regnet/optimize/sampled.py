@@ -19,8 +19,8 @@ grid's voxels (weighted by the mask when one is given), each sampled voxel stand
 zeros. Warping descriptors instead of recomputing them differs from the dense term where the
 field rotates or shears a patch, i.e. to first order in the field's gradient: on coarse levels
 this is harmless, on the finest level of strongly deformed pairs it costs accuracy
-(``docs/benchmarks.md``, "Sampled MIND"), which is why ``register.py`` samples the coarse
-levels only by default.
+(``docs/benchmarks.md``, "Sampled MIND"), which is why :func:`regnet.optimize.register` ends
+with a few dense steps (``polish_iterations``).
 """
 
 from __future__ import annotations

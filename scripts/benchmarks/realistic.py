@@ -13,7 +13,8 @@ Conventions:
   moving world point ``T(p)``, held as ``disp_mm(p) = T(p) - p`` on the fixed grid,
   ``(1, 3, I, J, K)``, RAS components (:mod:`regnet.spatial.world`).
 * Ground truth ``T(p) = P(G(p + d(p)))``: ``d`` a smooth diffeomorphic displacement (a random
-  stationary velocity on a 4 mm world grid, scaled to a largest displacement of 4-6 mm, integrated
+  stationary velocity on a 4 mm world grid, scaled to a largest displacement of 4-6 mm
+  (``--max-displacement``; 10-12 mm for inter-subject-sized differences), integrated
   by scaling and squaring, interpolated linearly), ``G`` a random affine about the brain centre
   (up to 4 degrees about each axis, 4 % scale, 3 mm shift), ``P`` a rigid header offset in
   ``pose`` and the identity elsewhere. ``d`` and ``G`` depend on ``--seed`` only, so the
@@ -333,8 +334,11 @@ class TrueMap:
         return apply_affine(offset, grid.voxels()) + torch.einsum("ij,bj...->bi...", linear, d)
 
 
-def draw_true_map(template: Template, seed: int) -> TrueMap:
-    """Random smooth diffeomorphism composed with a modest affine (module docstring)."""
+def draw_true_map(
+    template: Template, seed: int, max_disp_mm: Sequence[float] = MAX_DISP_MM
+) -> TrueMap:
+    """Random smooth diffeomorphism composed with a modest affine (module docstring), its largest
+    displacement drawn from ``max_disp_mm`` (low, high)."""
     generator = item_generator(seed, STREAMS["truth"])
     corners = np.array([[i, j, k, 1] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
     corners = (template.grid.affine @ (corners * [*np.subtract(template.grid.shape, 1), 1]).T)[:3]
@@ -343,7 +347,7 @@ def draw_true_map(template: Template, seed: int) -> TrueMap:
     affine[:3, 3] = low
     shape = tuple(int(n) for n in np.ceil((high - low) / VELOCITY_GRID_MM) + 1)
     velocity = smooth_noise(shape, 3, VELOCITY_SPACING_MM / VELOCITY_GRID_MM, generator)
-    target = uniform(generator, *MAX_DISP_MM)[0] / VELOCITY_GRID_MM  # voxels of the grid
+    target = uniform(generator, *max_disp_mm)[0] / VELOCITY_GRID_MM  # voxels of the grid
     velocity = velocity * (target / velocity.norm(dim=1).max())
     disp = integrate(velocity)
     velocity = velocity * (target / disp.norm(dim=1).max())  # the flow's size is nearly linear
@@ -408,10 +412,15 @@ def rician(image: np.ndarray, sigma: float, generator: torch.Generator) -> np.nd
 class Sources:
     """What the scenarios of one seed share: template, true map and (on demand) the head."""
 
-    def __init__(self, seed: int, source_spacing: float | None = None) -> None:
+    def __init__(
+        self,
+        seed: int,
+        source_spacing: float | None = None,
+        max_disp_mm: Sequence[float] = MAX_DISP_MM,
+    ) -> None:
         self.seed = seed
         self.template = load_template(source_spacing)
-        self.truth = draw_true_map(self.template, seed)
+        self.truth = draw_true_map(self.template, seed, max_disp_mm)
 
     @functools.cached_property
     def head(self) -> np.ndarray:
@@ -876,6 +885,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-displacement",
+        default=",".join(f"{d:g}" for d in MAX_DISP_MM),
+        help="LOW,HIGH mm: range of the true field's largest displacement (inter-subject "
+        "differences: e.g. 10,12)",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per method run")
     parser.add_argument(
         "--work",
@@ -898,6 +913,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     methods = choose(args.methods, valid, default, "--methods")
     scenarios = choose(args.scenarios, list(SCENARIOS), list(SCENARIOS), "--scenarios")
     spacings = [float(s) for s in args.spacing.split(",")]
+    max_disp = tuple(float(d) for d in args.max_displacement.split(","))
+    if len(max_disp) != 2 or not 0 <= max_disp[0] <= max_disp[1]:
+        raise SystemExit(f"--max-displacement: expected LOW,HIGH mm, got {args.max_displacement}")
+    run_name = f"seed{args.seed}"
+    if max_disp != MAX_DISP_MM:
+        run_name += f"-disp{max_disp[0]:g}-{max_disp[1]:g}mm"
     torch.set_num_threads(args.threads)
     sources = None
     rows, sections = [], []
@@ -905,10 +926,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     for spacing in spacings:
         table = []
         for scenario in scenarios:
-            folder = args.work / f"seed{args.seed}" / f"{spacing:g}mm" / scenario
+            folder = args.work / run_name / f"{spacing:g}mm" / scenario
             key = {"scenario": scenario, "spacing": spacing, "seed": args.seed, "v": BUILD_VERSION}
+            if max_disp != MAX_DISP_MM:
+                key["max_disp_mm"] = list(max_disp)
             if not is_built(folder / "pair", key):
-                sources = sources or Sources(args.seed)
+                sources = sources or Sources(args.seed, max_disp_mm=max_disp)
                 write_pair(folder / "pair", build_scenario(sources, scenario, spacing), key)
             pair = Pair.load(folder / "pair")
             for method in methods:
@@ -918,7 +941,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 table.append(row)
                 print(" ".join(f"{k}={cell(v)}" for k, v in row.items()), flush=True)
         rows += table
-        sections.append(f"### {spacing:g} mm, seed {args.seed}\n\n{markdown_table(table)}")
+        largest = f"{max_disp[0]:g}-{max_disp[1]:g} mm"
+        title = f"{spacing:g} mm, seed {args.seed}, largest displacement {largest}"
+        sections.append(f"### {title}\n\n{markdown_table(table)}")
     ratios = time_ratios(rows)
     lines = [
         f"- {m}: reg {r.get('reg_s', math.nan):.2f}x, total {r.get('total_s', math.nan):.2f}x"
