@@ -281,6 +281,7 @@ def test_level_shapes_halve_towards_the_coarsest():
         (dict(iterations=(10, 10)), "one value per level"),
         (dict(loss=None), "nothing to optimise"),
         (dict(fixed_landmarks=torch.zeros(3, 2)), "given together"),
+        (dict(polish_iterations=-1), "polish_iterations must be >= 0"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):

@@ -13,7 +13,9 @@ the result is a DDF on that grid in its voxels, backward (fixed -> moving). The 
 3. a deformable stage through the pyramid: cubic B-spline control points, a dense DDF or a
    stationary velocity field (SVF, on a grid of half the level's resolution, integrated there
    by scaling and squaring and upsampled), each level starting from the previous level's field
-   (:func:`regnet.spatial.resize_ddf`).
+   (:func:`regnet.spatial.resize_ddf`). With ``mind_sampling`` a ``mind`` term is compared
+   on warped descriptors at sampled voxels (:mod:`regnet.optimize.sampled`), the finest level
+   ending with ``polish_iterations`` steps on the dense term.
 
 The total transform is ``x -> A (x + v(x))`` (``compose(affine_ddf, local_ddf)``, evaluated
 exactly by applying the matrix to ``x + v(x)``), and on every evaluation the moving image of the
