@@ -84,8 +84,49 @@ def gaussian_smooth(x: torch.Tensor, sigma: Sequence[float] | float) -> torch.Te
         if s <= 0:
             continue
         weight = _conv_weight(s, ndim, axis, channels, x.device, x.dtype)
-        tail = (weight.shape[axis + 2] - 1) // 2
-        pad = [0] * (2 * ndim)  # F.pad lists the last axis first
-        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = tail
-        out = _CONV[ndim](F.pad(out, pad, mode="replicate"), weight, groups=channels)
+        out = _SmoothAxis.apply(out, weight, axis)
     return out
+
+
+def _pad_axis(x: torch.Tensor, axis: int, width: int, mode: str) -> torch.Tensor:
+    """``x`` padded by ``width`` on both ends of spatial ``axis`` (``F.pad`` lists the last
+    axis first)."""
+    ndim = x.dim() - 2
+    pad = [0] * (2 * ndim)
+    pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = width
+    return F.pad(x, pad, mode=mode)
+
+
+class _SmoothAxis(torch.autograd.Function):
+    """Replicate-padded depthwise convolution along one spatial axis with a symmetric kernel.
+
+    The backward pass is a forward convolution too: the adjoint of a valid correlation with a
+    symmetric kernel is the correlation of the zero-padded gradient, and the adjoint of
+    replicate padding adds each pad's gradient onto its border voxel. On the CPU the
+    convolution's own backward was the dearest part of smoothing an SVF (a 3-channel
+    66x78x63 velocity, sigma 1, 2 threads: 37 ms forward, about 160 ms backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, axis):
+        ctx.save_for_backward(weight)
+        ctx.axis = axis
+        tail = (weight.shape[axis + 2] - 1) // 2
+        conv = _CONV[x.dim() - 2]
+        return conv(_pad_axis(x, axis, tail, "replicate"), weight, groups=x.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        axis = ctx.axis
+        dim = axis + 2
+        tail = (weight.shape[dim] - 1) // 2
+        conv = _CONV[grad.dim() - 2]
+        padded = conv(_pad_axis(grad, axis, 2 * tail, "constant"), weight, groups=grad.shape[1])
+        n = grad.shape[dim]
+        grad_x = padded.narrow(dim, tail, n).clone()
+        grad_x.narrow(dim, 0, 1).add_(padded.narrow(dim, 0, tail).sum(dim, keepdim=True))
+        end = padded.narrow(dim, tail + n, tail).sum(dim, keepdim=True)
+        grad_x.narrow(dim, n - 1, 1).add_(end)
+        return grad_x, None, None

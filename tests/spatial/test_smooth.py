@@ -51,3 +51,19 @@ def test_gradient_flows_and_cached_kernels_survive_inference_mode():
     torch.autograd.gradcheck(lambda t: gaussian_smooth(t, (0.9, 1.4)), (x,))
     with pytest.raises(ValueError, match="2 sigmas for 3 spatial axes"):
         gaussian_smooth(torch.rand(1, 1, 4, 4, 4), (1.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("shape", "sigma"),
+    [
+        ((2, 3, 9, 11, 7), (1.0, 0.7, 2.0)),
+        ((1, 2, 13, 10), 1.5),
+        ((1, 1, 17), 0.8),
+        ((1, 2, 3, 12, 5), (2.0, 1.0, 0.0)),  # a kernel wider than its axis
+    ],
+)
+def test_backward_pass_is_the_exact_adjoint(shape, sigma):
+    """The backward pass (a forward convolution plus the replicate padding's adjoint) equals
+    the finite-difference gradient of the forward pass, borders included."""
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: gaussian_smooth(v, sigma), (x,))
