@@ -13,7 +13,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from benchmark import markdown_table, parse_shape  # noqa: E402
-from benchmarks import accuracy, cohort, intersubject, models  # noqa: E402
+from benchmarks import accuracy, cohort, intersubject, models, ops  # noqa: E402
 
 from regnet.spatial import warp  # noqa: E402
 
@@ -207,3 +207,8 @@ def test_intersubject_variants_start_from_register_py_defaults():
     assert {k: v for k, v in dense.items() if k not in ("mind_sampling", "polish_iterations")} == {
         k: v for k, v in defaults.items() if k not in ("mind_sampling", "polish_iterations")
     }
+
+
+def test_smoothing_row_agrees_with_monai():
+    (row,) = ops._smooth_rows(ops.make_inputs((14, 12, 10), "cpu"), 1, "cpu")
+    assert row["max abs diff"] < 1e-5 and row["regnet s"] > 0

@@ -54,28 +54,32 @@ def test_a_stride_cycle_averages_to_every_voxel(shape):
     assert sum(counts) == every_count
 
 
-def test_an_integer_shift_is_matched_exactly():
-    shape = (30, 28, 26)
+@pytest.mark.parametrize(("shape", "shift"), [((34, 30), (2, -3)), ((30, 28, 26), (2, -1, 3))])
+def test_an_integer_shift_is_matched_exactly(shape, shift):
+    ndim = len(shape)
     fixed = head(shape)
-    shift = (2, -1, 3)
-    moving = torch.roll(fixed, shift, dims=(2, 3, 4))  # moving(x + shift) = fixed(x)
+    moving = torch.roll(fixed, shift, dims=tuple(range(2, 2 + ndim)))  # moving(x + t) = fixed(x)
     mask = torch.zeros(1, 1, *shape)
-    mask[..., 8:-8, 8:-8, 8:-8] = 1.0
+    mask[(..., *(slice(8, -8),) * ndim)] = 1.0
     similarity = SampledMIND(fixed, moving, mask, None, stride=1)
-    field = torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1, 1).expand(1, 3, *shape)
+    t = torch.tensor(shift, dtype=torch.float32).view(1, ndim, *[1] * ndim)
+    field = t.expand(1, ndim, *shape)
     assert float(similarity(field)) < 1e-10
     assert float(similarity(torch.zeros_like(field))) > 1e-3
     # The same shift as the affine stage's matrix: the moving image is resampled through it.
-    matrix = torch.eye(4)[None]
-    matrix[0, :3, 3] = torch.tensor(shift, dtype=torch.float32)
+    matrix = torch.eye(ndim + 1)[None]
+    matrix[0, :ndim, ndim] = torch.tensor(shift, dtype=torch.float32)
     shifted = SampledMIND(fixed, moving, mask, None, matrix, stride=1)
     assert float(shifted(torch.zeros_like(field))) < 1e-10
 
 
-def test_a_field_on_a_coarser_grid_is_interpolated_as_resize_ddf_does():
-    shape = (25, 23, 21)
+@pytest.mark.parametrize(
+    ("shape", "coarse_shape"), [((27, 22), (14, 11)), ((25, 23, 21), (13, 12, 11))]
+)
+def test_a_field_on_a_coarser_grid_is_interpolated_as_resize_ddf_does(shape, coarse_shape):
     fixed, moving = head(shape, 0), head(shape, 1)
-    coarse = 2.0 * torch.randn(1, 3, 13, 12, 11, generator=torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    coarse = 2.0 * torch.randn(1, len(shape), *coarse_shape, generator=generator)
     similarity = SampledMIND(fixed, moving, None, None, stride=1)
     torch.testing.assert_close(similarity(coarse), similarity(resize_ddf(coarse, shape)))
 

@@ -295,6 +295,7 @@ def register_pair(
             f"{h.stage}/level{h.level}": (h.losses[-1] if h.losses else None)
             for h in result.history
         },
+        "level_seconds": level_seconds(result.history),
     }
     if check is not None:
         info["start_check"] = check.as_dict()
@@ -303,6 +304,16 @@ def register_pair(
         world = grid @ matrix[0].double().cpu().numpy() @ np.linalg.inv(grid)
         info["affine_ras_mm"] = world.tolist()  # fixed world point -> moving world point (RAS)
     return complete_registration(inputs, GridField(disp, affine), seconds, **info)
+
+
+def level_seconds(history: Sequence[Any]) -> dict[str, float]:
+    """Seconds spent per ``stage/level`` of a registration's history (the start search polishes
+    several candidates on one level: their times add up)."""
+    seconds: dict[str, float] = {}
+    for record in history:
+        key = f"{record.stage}/level{record.level}"
+        seconds[key] = seconds.get(key, 0.0) + record.seconds
+    return seconds
 
 
 def run_list(cfg: DictConfig) -> Path:

@@ -4,8 +4,9 @@ The dense ``mind`` term (:class:`regnet.losses.mind.MIND`) recomputes the descri
 warped moving image, over the whole grid, on every evaluation. Here, as in Heinrich's ConvexAdam
 and deeds, the descriptors of both images are computed once per pyramid level (the moving image
 first resampled through the affine stage's matrix, since MIND-SSC descriptors turn with the
-image: without it, sampled on every level and with no dense steps, a 20-30 degree pose offset
-on the real-scan benchmark ended at 1.05 mm EPE instead of 0.33), the moving ones are
+image: in a development version without this, sampled on every level and with no dense
+steps, a 20-30 degree pose offset on the real-scan benchmark ended at 1.05 mm EPE instead of
+0.33), the moving ones are
 *warped* (trilinear, border padding) and the squared descriptor difference is evaluated only at
 the fixed voxels where the similarity has weight: the mask's voxels, or without a mask the fixed
 foreground (:func:`regnet.optimize.initialize.foreground_mask`) dilated by the descriptor's
@@ -33,6 +34,7 @@ import torch
 from regnet.losses.mind import mind_ssc
 from regnet.optimize.initialize import dilate, foreground_mask
 from regnet.spatial import apply_affine, identity_grid, sample
+from regnet.spatial.grid import axis_scale
 
 
 class SampledMIND:
@@ -46,8 +48,8 @@ class SampledMIND:
             the moving image and mask are resampled through it once, and their descriptors
             taken there, since MIND-SSC descriptors turn with the image.
         stride: lattice stride in level voxels (1: every voxel of the region). 2 by default:
-            it matched stride 1 on two inter-subject brain pairs (Dice within 0.003) and three
-            real-scan scenarios (EPE within 0.002 mm) in about half the time.
+            in a development comparison (``docs/benchmarks.md``, "Sampled MIND") it matched
+            stride 1 within 0.003 Dice and 0.002 mm EPE in about half the time.
         radius, dilation: MIND-SSC patch radius and neighbour distance (voxels).
     """
 
@@ -99,13 +101,13 @@ class SampledMIND:
         self.evaluations = 0
 
     def __call__(self, field: torch.Tensor) -> torch.Tensor:
-        """The similarity for a displacement ``u`` followed by the construction's ``matrix``:
-        fixed level voxel ``x`` -> moving point ``M (x + u(x))``.
+        """The similarity for a backward displacement ``u`` followed by the construction's
+        ``matrix``: fixed level voxel ``x`` -> moving point ``M (x + u(x))``.
 
         ``field`` ``(1, ndim, *G)`` is ``u`` on a grid ``G`` covering the level's extent, corner
         voxels aligned (the level grid itself, or e.g. an SVF's coarser velocity grid), in
-        voxels of ``G``; off the level grid it is interpolated linearly, as
-        :func:`regnet.spatial.resize_ddf` would resample it.
+        voxels of ``G``, components in tensor axis order; off the level grid it is interpolated
+        linearly, as :func:`regnet.spatial.resize_ddf` would resample it.
         """
         index, coords, weights = self.samples[self.evaluations % len(self.samples)]
         self.evaluations += 1
@@ -129,10 +131,11 @@ class SampledMIND:
         return total / weights.sum().clamp_min(1e-12)
 
     def _ratio(self, grid: Sequence[int], device: torch.device) -> torch.Tensor:
-        """``(ndim, 1)`` voxels of ``grid`` per level voxel (corner voxels aligned)."""
+        """``(ndim, 1)`` voxels of ``grid`` per level voxel (corner voxels aligned; cached per
+        grid and device, so no host-to-device copy per evaluation)."""
         pairs = zip(grid, self.shape, strict=True)
         ratios = [(g - 1) / (n - 1) if n > 1 else 1.0 for g, n in pairs]
-        return torch.tensor(ratios, device=device).view(self.ndim, 1)
+        return axis_scale(ratios, device).view(self.ndim, 1)
 
 
 def _spread(offsets: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:

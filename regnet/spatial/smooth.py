@@ -103,8 +103,10 @@ class _SmoothAxis(torch.autograd.Function):
     The backward pass is a forward convolution too: the adjoint of a valid correlation with a
     symmetric kernel is the correlation of the zero-padded gradient, and the adjoint of
     replicate padding adds each pad's gradient onto its border voxel. On the CPU the
-    convolution's own backward was the dearest part of smoothing an SVF (a 3-channel
-    66x78x63 velocity, sigma 1, 2 threads: 37 ms forward, about 160 ms backward).
+    convolution's own backward was the dearest part of smoothing an SVF: forward + backward of
+    a 3-component 66x78x63 field, sigma 1, 2 threads, 15.7 ms against 34.3 ms for MONAI's
+    ``separable_filtering`` with autograd (``scripts/benchmarks/ops.py --shape 132,156,126
+    --table monai``; gradients equal within 1.8e-7).
     """
 
     @staticmethod

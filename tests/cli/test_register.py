@@ -223,8 +223,14 @@ def test_deformable_run_writes_its_affine_stage(pair, tmp_path):
     args = [f"fixed={fixed}", f"moving={moving}", "transform=svf", "spacing=3", "levels=1"]
     settings = ["iterations=[5]", "affine_iterations=[20]", "start_check=false", "overview=false"]
     main([*args, *settings, f"out={out}", "device=cpu"])
-    world = np.array(json.loads((out / "metrics.json").read_text())["info"]["affine_ras_mm"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    world = np.array(metrics["info"]["affine_ras_mm"])
     assert np.abs(world[:3, 3]).max() > 0.5  # the stage moved the image
+    # the time of each stage: start search, affine, sampled SVF steps, dense polish steps
+    seconds = metrics["info"]["level_seconds"]
+    assert list(seconds) == ["search/level0", "affine/level0", "svf/level0", "polish/level0"]
+    assert all(value > 0 for value in seconds.values())
+    assert sum(seconds.values()) <= metrics["seconds"]
     parameters = np.array((out / "affine.tfm").read_text().splitlines()[3].split()[1:], float)
     flip = np.diag([-1.0, -1.0, 1.0])
     np.testing.assert_allclose(parameters[9:], flip @ world[:3, 3], atol=1e-9)
