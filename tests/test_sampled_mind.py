@@ -49,8 +49,8 @@ def test_a_stride_cycle_averages_to_every_voxel(shape):
     values = [lattice(field) for _ in range(2 ** len(shape))]
     assert len({float(v) for v in values}) > 1  # each evaluation sees other voxels
     torch.testing.assert_close(torch.stack(values).mean(), every)
-    counts = [index.numel() for index, _, _ in lattice.samples]
-    every_count = SampledMIND(fixed, moving, None, None, stride=1).samples[0][0].numel()
+    counts = [index.numel() for index, _, _ in lattice.lattice.samples]
+    every_count = SampledMIND(fixed, moving, None, None, stride=1).lattice.samples[0][0].numel()
     assert sum(counts) == every_count
 
 

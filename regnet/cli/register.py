@@ -249,6 +249,7 @@ def register_pair(
             exact_svf_gradient=bool(cfg.exact_svf_gradient),
             mind_sampling=bool(cfg.mind_sampling),
             polish_iterations=int(cfg.polish_iterations),
+            affine_sampling=bool(cfg.affine_sampling),
             affine_first=bool(cfg.affine_first),
             affine_model=str(cfg.affine_model),
             affine_iterations=_tuple(cfg.affine_iterations, "affine_iterations"),

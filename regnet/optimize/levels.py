@@ -52,6 +52,9 @@ class Level:
     sampled_weight: float = 1.0
     dense_loss: Any = None
     """With ``sampled``: the deformable loss with its dense ``mind`` term."""
+    affine_sampled: Any = None
+    """Affine stage: a :class:`regnet.optimize.sampled.SampledPooled` evaluating
+    ``affine_loss`` at lattice voxels, or ``None`` (every voxel)."""
 
     def level_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
         """A full-resolution voxel matrix expressed in this level's voxels: ``D⁻¹ M D``."""
@@ -101,7 +104,9 @@ def level_objective(
     ``level.loss``), ``None`` during the affine stage (``level.affine_loss``)."""
     total = torch.zeros((), device=level.fixed.device)
     loss = level.affine_loss if local is None else level.loss
-    if local is not None and level.sampled is not None:
+    if local is None and level.affine_sampled is not None and matrix is not None:
+        total = total + level.affine_sampled(level.level_matrix(matrix))
+    elif local is not None and level.sampled is not None:
         total = total + level.sampled_weight * level.sampled(local)
         if loss is not None:
             total = total + loss({"ddf": local})[0]

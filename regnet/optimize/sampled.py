@@ -18,10 +18,11 @@ The value is normalised as the dense term's: the mean over descriptor channels a
 grid's voxels (weighted by the mask when one is given), each sampled voxel standing for the
 ``stride ** ndim`` voxels of its lattice cell; without a mask the background voxels count as
 zeros. Warping descriptors instead of recomputing them differs from the dense term where the
-field rotates or shears a patch, i.e. to first order in the field's gradient: on coarse levels
-this is harmless, on the finest level of strongly deformed pairs it costs accuracy
-(``docs/benchmarks.md``, "Sampled MIND"), which is why :func:`regnet.optimize.register` ends
-with a few dense steps (``polish_iterations``).
+field rotates or shears a patch, i.e. to first order in the field's gradient. On real scans
+that costs nothing measurable (the dense term had the higher end-point error in 7 of 8
+scenarios of ``docs/benchmarks.md``, "Real scans"); on strongly sheared synthetic fields and on
+label-rendered inter-subject pairs it does, and :func:`regnet.optimize.register` can end the
+finest level with a few dense steps (``polish_iterations``).
 """
 
 from __future__ import annotations
@@ -64,8 +65,6 @@ class SampledMIND:
         radius: int = 1,
         dilation: int = 2,
     ) -> None:
-        if stride < 1:
-            raise ValueError(f"sampling stride must be >= 1, got {stride}")
         shape = tuple(fixed.shape[2:])
         self.shape, self.ndim = shape, len(shape)
         with torch.no_grad():
@@ -85,20 +84,8 @@ class SampledMIND:
             else:
                 weights = fixed_mask.detach().float().flatten()
                 self.normaliser = None  # the sampled weights' own total
-        self.stride = int(stride)
-        self.cell = self.stride**self.ndim
-        coords = torch.stack(
-            torch.meshgrid(*[torch.arange(n, device=fixed.device) for n in shape], indexing="ij")
-        ).flatten(1)  # (ndim, N) voxel indices
-        self.samples = []  # per lattice offset: (flat indices, voxel coordinates, weights)
-        offsets = itertools.product(range(self.stride), repeat=self.ndim)
-        for offset in _spread(list(offsets)):
-            on_lattice = weights > 0
-            for axis, start in enumerate(offset):
-                on_lattice &= coords[axis] % self.stride == start
-            index = on_lattice.nonzero().flatten()
-            self.samples.append((index, coords[:, index].float(), weights[index]))
-        self.evaluations = 0
+        self.lattice = Lattice(weights, shape, stride)
+        self.cell = self.lattice.cell
 
     def __call__(self, field: torch.Tensor) -> torch.Tensor:
         """The similarity for a backward displacement ``u`` followed by the construction's
@@ -109,8 +96,7 @@ class SampledMIND:
         voxels of ``G``, components in tensor axis order; off the level grid it is interpolated
         linearly, as :func:`regnet.spatial.resize_ddf` would resample it.
         """
-        index, coords, weights = self.samples[self.evaluations % len(self.samples)]
-        self.evaluations += 1
+        index, coords, weights = self.lattice.next()
         count = index.numel()
         grid = tuple(field.shape[2:])
         if grid == self.shape:
@@ -136,6 +122,99 @@ class SampledMIND:
         pairs = zip(grid, self.shape, strict=True)
         ratios = [(g - 1) / (n - 1) if n > 1 else 1.0 for g, n in pairs]
         return axis_scale(ratios, device).view(self.ndim, 1)
+
+
+class Lattice:
+    """The voxels of a grid where a similarity has weight, on a lattice of stride ``stride``
+    whose offset cycles through all ``stride ** ndim`` offsets from one call of :meth:`next` to
+    the next (in :func:`_spread` order), so every weighted voxel is used once per cycle.
+
+    Args:
+        weights: ``(N,)`` flattened voxel weights of a grid of ``shape``; voxels with weight 0
+            are never sampled.
+        shape: the grid's shape.
+        stride: lattice stride in voxels (1: every weighted voxel on every call).
+    """
+
+    def __init__(self, weights: torch.Tensor, shape: Sequence[int], stride: int) -> None:
+        if stride < 1:
+            raise ValueError(f"sampling stride must be >= 1, got {stride}")
+        ndim = len(shape)
+        self.stride = int(stride)
+        self.cell = self.stride**ndim
+        index = (weights > 0).nonzero().flatten()  # the weighted voxels only
+        coords = torch.stack(torch.unravel_index(index, tuple(shape)))  # (ndim, M) voxel indices
+        code = torch.zeros_like(index)  # each voxel's lattice offset as one number
+        for axis in range(ndim):
+            code = code * self.stride + coords[axis] % self.stride
+        self.samples = []  # per lattice offset: (flat indices, voxel coordinates, weights)
+        for offset in _spread(list(itertools.product(range(self.stride), repeat=ndim))):
+            value = 0
+            for start in offset:
+                value = value * self.stride + start
+            chosen = (code == value).nonzero().flatten()
+            on_lattice = index[chosen]
+            self.samples.append((on_lattice, coords[:, chosen].float(), weights[on_lattice]))
+        self.calls = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(index (n,), coordinates (ndim, n) in voxels, weights (n,))`` of the next offset."""
+        sample = self.samples[self.calls % len(self.samples)]
+        self.calls += 1
+        return sample
+
+
+POOLED_TERMS = ("mi", "nmi", "ncc", "mse")
+"""Similarity terms that pool voxel values with no neighbourhood (histograms, global
+moments), so a sample of voxels estimates them: :class:`SampledPooled` may stand in for them."""
+
+
+class SampledPooled:
+    """A pooled similarity (:data:`POOLED_TERMS`) of an affine stage's level, evaluated at the
+    fixed voxels of a :class:`Lattice` of stride 2: only those are warped, binned or summed.
+
+    Mattes MI on a stride-2 lattice is what elastix and ANTs do with their sampling percentages;
+    here the samples are the lattice's (one offset per evaluation, every voxel once per 2**ndim
+    evaluations), not random, so runs repeat exactly.
+
+    Args:
+        fixed, moving: ``(1, C, *S)`` level images on one grid.
+        fixed_mask: ``(1, 1, *S)`` weights (``None``: every voxel).
+        loss: the stage's composite loss, all of whose terms are in :data:`POOLED_TERMS`.
+        stride: lattice stride in voxels.
+    """
+
+    def __init__(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        fixed_mask: torch.Tensor | None,
+        loss,
+        stride: int = 2,
+    ) -> None:
+        shape = tuple(fixed.shape[2:])
+        self.ndim, self.moving, self.loss = len(shape), moving, loss
+        self.fixed = fixed.detach().flatten(2)  # (1, C, N)
+        if fixed_mask is None:
+            weights = torch.ones(fixed[0, 0].numel(), device=fixed.device)
+        else:
+            weights = fixed_mask.detach().float().flatten()
+        self.lattice = Lattice(weights, shape, stride)
+
+    def __call__(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The loss of the level voxel matrix ``matrix`` ``(1, ndim+1, ndim+1)`` (fixed voxel
+        ``x`` -> moving voxel ``A x + t``) at the next lattice offset's voxels."""
+        index, coords, weights = self.lattice.next()
+        count = index.numel()
+        column = (1, -1, count, *([1] * (self.ndim - 1)))  # n voxels as a (1, C, n, 1[, 1]) image
+        points = matrix[0, : self.ndim, : self.ndim] @ coords + matrix[0, : self.ndim, self.ndim :]
+        warped = sample(self.moving, points.view(1, self.ndim, count, *([1] * (self.ndim - 1))))
+        inputs = {
+            "fixed": self.fixed[:, :, index].view(column),
+            "warped": warped,
+            "fixed_mask": weights.view(1, 1, count, *([1] * (self.ndim - 1))),
+        }
+        return self.loss(inputs)[0]
 
 
 def _spread(offsets: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:

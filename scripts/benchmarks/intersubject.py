@@ -32,6 +32,7 @@ SHAPE = (96, 112, 96)
 ENGINE_DEFAULTS = (
     "transform", "loss", "init", "search_iterations", "affine_loss", "overlap_margin",
     "smoothing", "integration_steps", "exact_svf_gradient", "mind_sampling", "polish_iterations",
+    "affine_sampling",
 )  # fmt: skip
 """``configs/register.yaml`` keys passed to :func:`register` as they are."""
 
