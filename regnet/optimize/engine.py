@@ -72,11 +72,14 @@ DEFAULT_ITERATIONS = {
     "affine": (100, 60, 30),
     "bspline": (100, 60, 30),
     "ddf": (100, 60, 30),
-    "svf": (100, 60, 15),
+    "svf": (60, 40, 15),
 }
 """Iterations per level (coarse to fine) for a three-level pyramid. For ``svf`` the finest level
 dominates the time: on the 4 demo pairs at 2 mm (``docs/benchmarks.md``, "Engine settings") 15
-finest iterations instead of 30 gave mean Dice 0.474 instead of 0.478 in 0.71x the time."""
+finest iterations instead of 30 gave mean Dice 0.474 instead of 0.478 in 0.71x the time; on the
+real-scan benchmark at 2 mm (``docs/benchmarks.md``, "Real scans") 60/40 coarse iterations
+instead of 100/60 (with 4 squaring steps instead of 5) changed the EPE by -0.003..+0.006 mm in
+16 scenarios (4-6 and 10-12 mm deformations) in 0.88x the registration time."""
 
 DEFAULT_LR = {"rigid": 0.5, "affine": 0.5, "bspline": 0.5, "ddf": 0.5, "svf": 0.25}
 """Adam learning rates in voxels of the level being optimised."""
@@ -85,9 +88,9 @@ MIN_LATTICE_SAMPLES = 1024
 """Fewest voxels per lattice offset for the affine pre-stage's pooled similarity (MI) to be
 evaluated on a stride-2 lattice instead of every voxel. On the real-scan benchmark at 2 mm
 (``docs/benchmarks.md``, "Real scans"; 2.3k and 18k voxels per offset on the two coarse
-levels of a 2 mm brain)
-this left the EPE within 0.008 mm and Dice within 0.002 in all 8 scenarios, the affine stage
-taking a third of the time (elastix and ANTs sample a few thousand voxels per iteration)."""
+levels of a 2 mm brain) this left the EPE within 0.003 mm and Dice within 0.001 in all 8
+scenarios, the affine stage taking a third of the time (elastix and ANTs sample a few thousand
+voxels per iteration)."""
 
 REFINE_TRANSFORMS = ("svf", "ddf")
 """Transforms :func:`refine` composes with (``svf``) or adds to (``ddf``) a network's field."""
