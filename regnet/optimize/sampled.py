@@ -1,4 +1,6 @@
-"""MIND-SSC compared at sampled fixed voxels, with the moving image's descriptors warped.
+"""Similarities evaluated at sampled fixed voxels: a :class:`Lattice` of voxels whose offset
+cycles, the deformable stage's MIND-SSC with the moving image's descriptors warped
+(:class:`SampledMIND`), and the affine stage's pooled terms such as MI (:class:`SampledPooled`).
 
 The dense ``mind`` term (:class:`regnet.losses.mind.MIND`) recomputes the descriptors of the
 warped moving image, over the whole grid, on every evaluation. Here, as in Heinrich's ConvexAdam
