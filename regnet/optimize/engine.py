@@ -78,8 +78,8 @@ DEFAULT_ITERATIONS = {
 dominates the time: on the 4 demo pairs at 2 mm (``docs/benchmarks.md``, "Engine settings") 15
 finest iterations instead of 30 gave mean Dice 0.474 instead of 0.478 in 0.71x the time; on the
 real-scan benchmark at 2 mm (``docs/benchmarks.md``, "Real scans") 60/40 coarse iterations
-instead of 100/60 (with 4 squaring steps instead of 5) changed the EPE by -0.003..+0.006 mm in
-16 scenarios (4-6 and 10-12 mm deformations) in 0.88x the registration time."""
+instead of 100/60 (with 4 squaring steps instead of 5) changed the EPE by -0.003..+0.004 mm in
+16 scenarios (4-6 and 10-12 mm deformations) in 0.86-0.88x the registration time."""
 
 DEFAULT_LR = {"rigid": 0.5, "affine": 0.5, "bspline": 0.5, "ddf": 0.5, "svf": 0.25}
 """Adam learning rates in voxels of the level being optimised."""

@@ -160,7 +160,8 @@ class Lattice:
         self.calls = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(index (n,), coordinates (ndim, n) in voxels, weights (n,))`` of the next offset."""
+        """``(flat index (n,), voxel coordinates (ndim, n) in tensor axis order, weights (n,))``
+        of the next offset's voxels."""
         sample = self.samples[self.calls % len(self.samples)]
         self.calls += 1
         return sample
