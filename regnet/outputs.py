@@ -62,7 +62,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 import torch
 from PIL import Image
 
@@ -180,6 +179,8 @@ def save_png(path: str | Path, data: np.ndarray, moving: Volume) -> Path:
         data = (data - low) * (255.0 / max(high - low, 1e-12))
         dtype = np.dtype(np.uint8)
     pixels = np.clip(np.round(data), 0, np.iinfo(dtype).max).astype(dtype)
+    import SimpleITK as sitk  # 2D outputs only; NIfTI pairs never import it
+
     sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(pixels.T)), str(path))
     return Path(path)
 

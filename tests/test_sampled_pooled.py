@@ -88,3 +88,12 @@ def test_the_affine_pre_stage_on_lattice_voxels_recovers_a_rotation_across_contr
     error = (apply_affine(result.matrix, points) - apply_affine(truth, points)).norm(dim=1)
     inside = torch.from_numpy(labels > 0)[None]
     assert float(error[inside].mean()) < 0.35
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (4, 6, 3), (1, 9, 2)])
+def test_lattice_voxel_indices_are_torch_unravel_index(shape):
+    from regnet.optimize.sampled import _unravel
+
+    index = torch.arange(torch.Size(shape).numel()).flip(0)[::2]
+    expected = torch.stack(torch.unravel_index(index, shape))
+    assert torch.equal(_unravel(index, shape), expected)

@@ -188,3 +188,18 @@ def pairs_from_list(path: str | Path) -> list[PairSpec]:
     if not specs:
         raise DataError(f"{path}: pair list has no rows")
     return specs
+
+
+def summary_line(metrics: dict) -> str:
+    """One human-readable line of the main metrics."""
+    parts = []
+    if metrics.get("dice_mean") is not None:
+        parts.append(f"Dice {metrics['dice_mean']:.3f}")
+    if metrics.get("hd95_mean") is not None:
+        parts.append(f"HD95 {metrics['hd95_mean']:.2f} mm")
+    if "tre_mm" in metrics:
+        parts.append(f"TRE {metrics['tre_mm']['mean']:.2f} mm")
+    parts.append(f"folding {metrics['folding_percent']:.3f} %")
+    parts.append(f"SDlogJ {metrics['sdlogj']:.3f}")
+    parts.append(f"{metrics['seconds']:.2f} s")
+    return ", ".join(parts)

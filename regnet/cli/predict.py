@@ -47,6 +47,7 @@ from regnet.cli.common import (
     pairs_from_list,
     resolve_device,
     run_command,
+    summary_line,
 )
 from regnet.cli.submission import check_submission, submission_folder, write_submission_field
 from regnet.optimize import REFINE_TRANSFORMS, refine, register
@@ -255,21 +256,6 @@ def predict_pair(
         device=str(device),
         **({} if check is None else {"start_check": check.as_dict()}),
     )
-
-
-def summary_line(metrics: dict) -> str:
-    """One human-readable line of the main metrics."""
-    parts = []
-    if metrics.get("dice_mean") is not None:
-        parts.append(f"Dice {metrics['dice_mean']:.3f}")
-    if metrics.get("hd95_mean") is not None:
-        parts.append(f"HD95 {metrics['hd95_mean']:.2f} mm")
-    if "tre_mm" in metrics:
-        parts.append(f"TRE {metrics['tre_mm']['mean']:.2f} mm")
-    parts.append(f"folding {metrics['folding_percent']:.3f} %")
-    parts.append(f"SDlogJ {metrics['sdlogj']:.3f}")
-    parts.append(f"{metrics['seconds']:.2f} s")
-    return ", ".join(parts)
 
 
 def check_refine_settings(cfg: DictConfig) -> None:

@@ -46,8 +46,8 @@ from regnet.cli.common import (
     pairs_from_list,
     resolve_device,
     run_command,
+    summary_line,
 )
-from regnet.cli.predict import summary_line
 from regnet.data.validate import check_mask_content
 from regnet.optimize import INITS, TRANSFORMS, register
 from regnet.optimize.initialize import foreground_mask

@@ -30,12 +30,15 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from regnet.spatial.world import itk_geometry_to_affine
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 """File endings read with nibabel; every other image goes through SimpleITK."""
@@ -104,8 +107,16 @@ def _first_line(error: Exception) -> str:
     return (lines[-1] if lines else type(error).__name__)[:200]
 
 
+def _simpleitk():
+    """SimpleITK, imported on first use: NIfTI files never need it (0.15 s of start-up)."""
+    import SimpleITK
+
+    return SimpleITK
+
+
 def _dicom_series(folder: Path) -> list[str]:
     """The files of the one DICOM series in ``folder``, in slice order (GDCM)."""
+    sitk = _simpleitk()
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise DataError(f"{folder}: folder holds no DICOM series")
@@ -142,7 +153,7 @@ def read_header(path: str | Path) -> ImageHeader:
     if path.is_dir():
         image = read_image(path)
         return ImageHeader(path, image.array.shape, image.affine)
-    reader = sitk.ImageFileReader()
+    reader = _simpleitk().ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
@@ -168,6 +179,7 @@ def read_image(path: str | Path) -> ImageFile:
             raise DataError(f"{path}: not a readable image ({type(error).__name__})") from None
         header = image.header if isinstance(image, nib.Nifti1Image) else None
         return ImageFile(path, array, np.asarray(image.affine, np.float64), header)
+    sitk = _simpleitk()
     try:
         if path.is_dir():
             image = sitk.ReadImage(_dicom_series(path))

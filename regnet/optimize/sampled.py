@@ -145,7 +145,7 @@ class Lattice:
         self.stride = int(stride)
         self.cell = self.stride**ndim
         index = (weights > 0).nonzero().flatten()  # the weighted voxels only
-        coords = torch.stack(torch.unravel_index(index, tuple(shape)))  # (ndim, M) voxel indices
+        coords = _unravel(index, shape)  # (ndim, M) voxel indices
         code = torch.zeros_like(index)  # each voxel's lattice offset as one number
         for axis in range(ndim):
             code = code * self.stride + coords[axis] % self.stride
@@ -218,6 +218,17 @@ class SampledPooled:
             "fixed_mask": weights.view(1, 1, count, *([1] * (self.ndim - 1))),
         }
         return self.loss(inputs)[0]
+
+
+def _unravel(index: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``(ndim, M)`` voxel indices of flat (C-order) indices ``index`` into a grid of ``shape``.
+
+    ``torch.unravel_index`` imports sympy on its first call, 0.2 s of every command."""
+    coords = []
+    for size in reversed(shape):
+        coords.append(index % size)
+        index = index // size
+    return torch.stack(coords[::-1])
 
 
 def _spread(offsets: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:

@@ -59,8 +59,54 @@ def sample(
     grid = normalized_grid(coords.to(compute_dtype), image.shape[2:])
     if grid.shape[0] != source.shape[0]:
         grid = grid.expand(source.shape[0], *grid.shape[1:])
-    out = F.grid_sample(source, grid, mode=_MODES[mode], padding_mode=padding, align_corners=True)
+    chunks = _cpu_chunks(source, grid)
+    if chunks > 1:
+        out = _grid_sample_chunked(source, grid, _MODES[mode], padding, chunks)
+    else:
+        out = F.grid_sample(
+            source, grid, mode=_MODES[mode], padding_mode=padding, align_corners=True
+        )
     return out if out.dtype == image.dtype or not image.is_floating_point() else out.to(image.dtype)
+
+
+MIN_POINTS_PER_THREAD = 4096
+"""Fewest sampled points per thread for :func:`sample` to split a 3D CPU sampling."""
+
+
+def _cpu_chunks(source: torch.Tensor, grid: torch.Tensor) -> int:
+    """How many pieces to cut a 3D CPU ``grid_sample`` of one image into (1: none).
+
+    PyTorch's CPU kernel for 3D sampling runs its batch items in parallel but each item on one
+    thread, so one image uses one core whatever ``torch.get_num_threads()`` says. Sampling the
+    same image (expanded, not copied) at ``k`` slices of the points as a batch of ``k`` uses
+    ``k`` threads: a 2 mm brain's MIND descriptors at 137k points took 10.0 ms instead of
+    18.7 ms on 2 threads. Only where the image needs no gradient: the gradient of an expanded
+    image would be ``k`` full-size copies summed."""
+    if source.device.type != "cpu" or source.dim() != 5 or source.shape[0] != 1:
+        return 1
+    if source.requires_grad:
+        return 1
+    points = grid[0, ..., 0].numel()
+    return max(1, min(torch.get_num_threads(), points // MIN_POINTS_PER_THREAD))
+
+
+def _grid_sample_chunked(
+    source: torch.Tensor, grid: torch.Tensor, mode: str, padding: str, chunks: int
+) -> torch.Tensor:
+    """``F.grid_sample(source, grid)`` for one 3D image, its points cut into ``chunks`` batch
+    items (zero-padded at the end) so that each is sampled on its own thread."""
+    out_shape = grid.shape[1:-1]
+    points = grid.reshape(-1, 3)
+    count = points.shape[0]
+    per_chunk = -(-count // chunks)
+    if per_chunk * chunks != count:
+        points = F.pad(points, (0, 0, 0, per_chunk * chunks - count))
+    batch = points.view(chunks, per_chunk, 1, 1, 3)
+    images = source.expand(chunks, *source.shape[1:])
+    out = F.grid_sample(images, batch, mode=mode, padding_mode=padding, align_corners=True)
+    channels = source.shape[1]
+    out = out.view(chunks, channels, per_chunk).permute(1, 0, 2).reshape(channels, -1)
+    return out[:, :count].reshape(1, channels, *out_shape)
 
 
 def warp(

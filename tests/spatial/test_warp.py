@@ -1,5 +1,7 @@
 """Warping, sampling, composition and resizing against analytic results and scipy."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +206,44 @@ def test_one_hot_counts_class_fractions_per_cell(shape, cell):
     torch.testing.assert_close(result.double(), reference)
     with pytest.raises(ValueError, match="label 3 is out of range for 3 classes"):
         one_hot(labels, 3, cell=cell)
+
+
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+@pytest.mark.parametrize("padding", ["border", "zeros", "reflection"])
+def test_threaded_3d_sampling_equals_one_batch_item(monkeypatch, mode, padding):
+    """A 3D CPU sampling cut into batch items (one thread each) gives grid_sample's values and
+    gradients exactly, also for a point count the pieces do not divide."""
+    warp_module = importlib.import_module("regnet.spatial.warp")  # `warp` is also a function
+
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 4, 9, 8, 7, generator=gen, dtype=torch.float64)
+    coords = (
+        torch.rand(1, 3, 7, 5, 3, generator=gen, dtype=torch.float64) * 12 - 2
+    ).requires_grad_()
+    reference = F.grid_sample(
+        image,
+        warp_module.normalized_grid(coords, image.shape[2:]),
+        mode={"linear": "bilinear", "nearest": "nearest"}[mode],
+        padding_mode=padding,
+        align_corners=True,
+    )
+    (grad_reference,) = torch.autograd.grad((reference * reference).sum(), coords)
+    monkeypatch.setattr(warp_module, "MIN_POINTS_PER_THREAD", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert warp_module._cpu_chunks(image, coords.permute(0, 2, 3, 4, 1)) == 4
+    out = sample(image, coords, mode=mode, padding=padding)
+    (grad,) = torch.autograd.grad((out * out).sum(), coords)
+    assert torch.equal(out, reference)
+    assert torch.equal(grad, grad_reference)
+
+
+def test_threaded_sampling_leaves_images_that_need_a_gradient_whole(monkeypatch):
+    warp_module = importlib.import_module("regnet.spatial.warp")  # `warp` is also a function
+
+    monkeypatch.setattr(warp_module, "MIN_POINTS_PER_THREAD", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    image = torch.rand(1, 1, 4, 4, 4, requires_grad=True)
+    grid = torch.zeros(1, 4, 4, 4, 3)
+    assert warp_module._cpu_chunks(image, grid) == 1
+    assert warp_module._cpu_chunks(image.detach(), grid) == 2
+    assert warp_module._cpu_chunks(image.detach()[:, :, 0], grid[:, 0]) == 1  # 2D
