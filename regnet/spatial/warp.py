@@ -59,14 +59,20 @@ def sample(
     grid = normalized_grid(coords.to(compute_dtype), image.shape[2:])
     if grid.shape[0] != source.shape[0]:
         grid = grid.expand(source.shape[0], *grid.shape[1:])
+    out = threaded_grid_sample(source, grid, _MODES[mode], padding)
+    return out if out.dtype == image.dtype or not image.is_floating_point() else out.to(image.dtype)
+
+
+def threaded_grid_sample(
+    source: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding: str = "border"
+) -> torch.Tensor:
+    """``F.grid_sample(source, grid, mode, padding, align_corners=True)``, a 3D CPU sampling of
+    one image spread over the threads (:func:`_cpu_chunks`); ``grid`` is ``grid_sample``'s
+    normalised grid (:func:`regnet.spatial.grid.normalized_grid`)."""
     chunks = _cpu_chunks(source, grid)
     if chunks > 1:
-        out = _grid_sample_chunked(source, grid, _MODES[mode], padding, chunks)
-    else:
-        out = F.grid_sample(
-            source, grid, mode=_MODES[mode], padding_mode=padding, align_corners=True
-        )
-    return out if out.dtype == image.dtype or not image.is_floating_point() else out.to(image.dtype)
+        return _grid_sample_chunked(source, grid, mode, padding, chunks)
+    return F.grid_sample(source, grid, mode=mode, padding_mode=padding, align_corners=True)
 
 
 MIN_POINTS_PER_THREAD = 4096
