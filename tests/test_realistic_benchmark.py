@@ -154,3 +154,17 @@ def test_variants_name_regnet_methods():
     assert variants == {"regnet": [], "predict:brain": ["ckpt=brain", "refine.steps=20"]}
     with pytest.raises(SystemExit, match="--predict"):
         realistic.parse_variants([], ["no-overrides"])
+
+
+def test_peer_runner_imports_only_the_peer():
+    """The peers' whole-command time is ``peer.py``'s wall time: it must not pay for torch or
+    regnet (their import and exit), which a user's ANTs or Greedy script would not load."""
+    import subprocess
+
+    benchmarks = Path(realistic.__file__).resolve().parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(benchmarks)!r}); import peer; "
+        "print(' '.join(m for m in ('torch', 'regnet', 'numpy', 'realistic') if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == []

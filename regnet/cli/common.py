@@ -13,11 +13,13 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -54,6 +56,19 @@ def run_command(task: Callable[[], object]) -> None:
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def end_process() -> NoReturn:
+    """End a finished single-pair command at once, skipping the interpreter's teardown.
+
+    After ``import torch`` the teardown takes about half a second (2 threads: ``python -c
+    "import torch"`` 1.77 s, 1.23 s when it ends with ``os._exit(0)``), a tenth of registering
+    a 2 mm brain pair. By then every output is written, closed and moved into place, and the
+    writer threads have been joined; only the console streams need flushing. Lists of pairs
+    (Lightning, possibly several processes) end normally."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def compose_config(name: str, overrides: Sequence[str]) -> DictConfig:

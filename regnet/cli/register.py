@@ -43,6 +43,7 @@ from regnet.cli.common import (
     PairSpec,
     as_pair,
     compose_config,
+    end_process,
     pairs_from_list,
     resolve_device,
     run_command,
@@ -365,9 +366,19 @@ def run(cfg: DictConfig) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: ``regnet-register [key=value ...]`` (Hydra override syntax)."""
+    """Console entry point: ``regnet-register [key=value ...]`` (Hydra override syntax). From the
+    command line (``argv`` None) a single pair's run ends the process when done
+    (:func:`regnet.cli.common.end_process`)."""
     overrides = list(sys.argv[1:] if argv is None else argv)
-    run_command(lambda: run(compose_config("register", overrides)))
+    composed = []
+
+    def task() -> None:
+        composed.append(compose_config("register", overrides))
+        run(composed[0])
+
+    run_command(task)
+    if argv is None and composed[0].pairs is None:  # the command line, one pair
+        end_process()
 
 
 if __name__ == "__main__":

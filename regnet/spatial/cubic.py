@@ -73,9 +73,7 @@ def sample_cubic(image: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         g0 = w0 + w1
         scale = 2.0 / (coefficients.shape[2 + axis] - 1)
         weights.append((g0, 1 - g0))
-        positions.append(
-            ((base - 1 + w1 / g0) * scale - 1, (base + 1 + w3 / (1 - g0)) * scale - 1)
-        )
+        positions.append(((base - 1 + w1 / g0) * scale - 1, (base + 1 + w3 / (1 - g0)) * scale - 1))
     grid = torch.empty(1, *out_shape, ndim, dtype=image.dtype, device=image.device)
     out = None
     for choice in itertools.product((0, 1), repeat=ndim):

@@ -67,18 +67,18 @@ Methods, each run as a separate command with ``--threads`` threads (OMP, MKL, IT
   100x50x10`` then ``-m NCC 2x2x2 -it affine.mat -n 100x50x10``; the transforms composed by
   ``-rc`` (``-seed 1`` for repeatability, ``-wp 0`` so the saved warp is not rounded).
 
-ANTs and Greedy run through ``--run-one`` of this script.
+ANTs and Greedy run through ``peer.py`` beside this script, a process that imports only them.
 
 Scores, the same for every method: the moving labels warped by nearest neighbour in world space,
 mean Dice and mean HD95 (mm) over the labels of the fixed label map (:mod:`regnet.metrics`;
 HD95 averages the labels found in both maps); end-point error ``|disp - true|`` (mm, mean and
 95th percentile) over the fixed brain mask; % of fixed voxels with ``det J <= 0``; registration
 seconds (``metrics.json`` for regnet, the registration call for the peers) and whole-command
-seconds (the command's wall time; for the peers from the runner's start, after its own imports,
-including the tool's import, IO, registration and the warped image, excluding the scoring-only
-field export). Labels are resampled on both sides, so even the true field stays below Dice 1
-(0.84 at 2 mm) and above HD95 0 (about one voxel): read Dice and HD95 against the ``truth`` row;
-EPE measures the transform itself.
+seconds (the command's wall time from start-up to exit; for the peers the wall time of
+``peer.py``: Python start-up, the tool's import, IO, registration, the warped image and exit,
+less the scoring-only field export). Labels are resampled on both sides, so even the true field
+stays below Dice 1 (0.84 at 2 mm) and above HD95 0 (about one voxel): read Dice and HD95 against
+the ``truth`` row; EPE measures the transform itself.
 
 Usage::
 
@@ -110,6 +110,7 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
 import torch
+from peer import ANTS_METHODS, PEER_FIELD
 from scipy.spatial.transform import Rotation
 
 from regnet.data.synthetic import item_generator, smooth_noise
@@ -140,7 +141,6 @@ SCENARIOS: dict[str, dict[str, str]] = {
     "partial-fov": {"fixed": "crop"},
 }
 """What each scenario adds, by side."""
-ANTS_METHODS = {"ants-affine": "Affine", "ants-syn": "SyN"}
 PEERS = (*ANTS_METHODS, "greedy")
 REFERENCE = "ants-syn"  # time ratios are against this method
 STREAMS = {"truth": 0, "head": 1, "fixed-noise": 2, "moving-noise": 3, "bias-noise": 4, "pose": 5}
@@ -164,7 +164,6 @@ SKIN_MM = 1.5
 T2_KNOTS = ((0.0, 0.1, 0.3, 0.6, 0.8, 1.0, 1.5), (0.0, 0.35, 1.0, 0.8, 0.6, 0.45, 0.4))
 """T2-like remap: T1 intensity / white matter -> new intensity / white matter (CSF ~0.3 -> 1)."""
 TRUE_FIELD = "true_disp_mm.nii.gz"
-PEER_FIELD = "field_itk.nii.gz"  # composed peer transform, ITK convention (LPS components)
 COLUMNS = {
     "scenario": "scenario",
     "method": "method",
@@ -697,65 +696,17 @@ def run_regnet(
 
 
 def run_peer(method: str, pair: Pair, out: Path, threads: int, timeout: float):
-    """A peer through ``--run-one``; returns like :func:`run_regnet`. The whole-command time
-    starts when the runner starts (after this script's own imports) and leaves out the export
-    of the composed field."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--run-one", method]
+    """A peer through ``peer.py``, a process of its own that imports nothing but the peer's
+    package, as a user's script would; returns like :func:`run_regnet`. The whole-command time
+    is that process's wall time (start-up, the tool's import, reading, registration, writing the
+    warped image, exit) less the export of the composed field, which only scoring needs."""
+    command = [sys.executable, str(Path(__file__).resolve().parent / "peer.py"), method]
     command += ["--pair", str(pair.folder), "--out", str(out), "--threads", str(threads)]
-    launched = time.time()
     wall = run_command(command, threads, timeout)
     record = json.loads((out / "run.json").read_text())
-    total = wall - (record["started"] - launched) - record["export_seconds"]
+    total = wall - record["export_seconds"]
     disp, affine = load_itk_displacement(out / PEER_FIELD)
     return pair.on_fixed_grid(disp, affine), record["seconds"], total, out / "warped.nii.gz"
-
-
-def run_one(method: str, pair_dir: Path, out: Path, threads: int) -> None:
-    """``--run-one``: register one pair with a peer; write ``warped.nii.gz`` (the tool's own
-    resampling), :data:`PEER_FIELD` and ``run.json`` (``started``: epoch seconds at the start,
-    ``seconds``: registration, ``export_seconds``: writing the composed field)."""
-    started = time.time()
-    fixed, moving = str(pair_dir / "fixed.nii.gz"), str(pair_dir / "moving.nii.gz")
-    warped, field = str(out / "warped.nii.gz"), str(out / PEER_FIELD)
-    if method in ANTS_METHODS:
-        import ants
-
-        fixed_image, moving_image = ants.image_read(fixed), ants.image_read(moving)
-        start = time.perf_counter()
-        result = ants.registration(
-            fixed_image, moving_image, ANTS_METHODS[method], outprefix=str(out / "ants_")
-        )
-        seconds = time.perf_counter() - start
-        ants.image_write(result["warpedmovout"], warped)
-        export = time.perf_counter()
-        composed = ants.apply_transforms(
-            fixed_image, moving_image, result["fwdtransforms"], compose=str(out / "composed_")
-        )
-        os.replace(composed, field)
-    else:
-        from picsl_greedy import Greedy3D
-
-        greedy = Greedy3D()
-        affine, warp = str(out / "affine.mat"), str(out / "warp.nii.gz")
-        common = f"-d 3 -threads {threads} -seed 1"
-        start = time.perf_counter()
-        greedy.execute(
-            f"{common} -a -dof 12 -m NMI -i {fixed} {moving} -ia-image-centers -n 100x50x10 "
-            f"-o {affine}"
-        )
-        greedy.execute(
-            f"{common} -m NCC 2x2x2 -i {fixed} {moving} -it {affine} -n 100x50x10 -wp 0 -o {warp}"
-        )
-        seconds = time.perf_counter() - start
-        greedy.execute(f"{common} -rf {fixed} -rm {moving} {warped} -r {warp} {affine}")
-        export = time.perf_counter()
-        greedy.execute(f"{common} -rf {fixed} -rc {field} -r {warp} {affine}")
-    record = {
-        "started": started,
-        "seconds": seconds,
-        "export_seconds": time.perf_counter() - export,
-    }
-    (out / "run.json").write_text(json.dumps(record))
 
 
 def available_peers() -> list[str]:
@@ -900,13 +851,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
-    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--pair", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.run_one:
-        run_one(args.run_one, args.pair, args.out, args.threads)
-        return
     variants = parse_variants(args.variant, args.predict)
     valid = ["truth", "header", *PEERS, *variants]
     default = ["truth", "header", *available_peers(), *variants]

@@ -1,6 +1,9 @@
 """``register.py`` end to end on NIfTI files in different orientations and spacings."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -264,3 +267,22 @@ def test_a_spacing_that_is_not_a_size_is_named(pair, tmp_path, capsys):
         main([f"fixed={fixed}", f"moving={moving}", "spacing=fine", f"out={tmp_path / 'o'}"])
     assert capsys.readouterr().err.startswith("error: spacing=fine: must be auto, null or a")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_command_line_ends_with_every_output_written_and_its_summary_printed(pair, tmp_path):
+    """``python register.py`` ends its process without the interpreter's teardown
+    (:func:`regnet.cli.common.end_process`): exit status 0, the summary line on stdout, every
+    file complete."""
+    fixed, moving, _ = pair
+    out = tmp_path / "cli"
+    script = Path(__file__).resolve().parents[2] / "register.py"
+    command = [sys.executable, str(script), f"fixed={fixed}", f"moving={moving}", f"out={out}"]
+    command += ["transform=rigid", "levels=1", "iterations=[5]", "init=identity"]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"{out}: folding 0.000 %")
+    assert run.stdout.endswith(" s\n")
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in metrics["outputs"].values():
+        assert (out / name).stat().st_size > 0
+    assert nib.load(out / "warped.nii.gz").get_fdata().shape == (18, 20, 16)
