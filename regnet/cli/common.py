@@ -58,6 +58,25 @@ def run_command(task: Callable[[], object]) -> None:
         sys.exit(EXIT_BAD_INPUT)
 
 
+def run_pair_command(
+    name: str, run: Callable[[DictConfig], object], argv: Sequence[str] | None
+) -> None:
+    """The console entry of ``register.py`` / ``predict.py``: compose ``configs/<name>.yaml``
+    with ``argv`` (the command line's arguments when ``None``) and ``run`` it under
+    :func:`run_command`. From the command line, a run without ``pairs=`` then ends the process
+    at once (:func:`end_process`)."""
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    composed: list[DictConfig] = []
+
+    def task() -> None:
+        composed.append(compose_config(name, overrides))
+        run(composed[0])
+
+    run_command(task)
+    if argv is None and composed[0].pairs is None:
+        end_process()
+
+
 def end_process() -> NoReturn:
     """End a finished single-pair command at once, skipping the interpreter's teardown.
 

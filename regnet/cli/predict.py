@@ -44,10 +44,9 @@ from regnet.cli.common import (
     PairSpec,
     as_pair,
     compose_config,
-    end_process,
     pairs_from_list,
     resolve_device,
-    run_command,
+    run_pair_command,
     summary_line,
 )
 from regnet.cli.submission import check_submission, submission_folder, write_submission_field
@@ -335,19 +334,10 @@ def predict_list(cfg: DictConfig, specs: list[PairSpec], device: torch.device) -
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: ``regnet-predict [key=value ...]`` (Hydra override syntax). From the
-    command line (``argv`` None) a single pair's run ends the process when done
-    (:func:`regnet.cli.common.end_process`)."""
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    composed = []
-
-    def task() -> None:
-        composed.append(compose_config("predict", overrides))
-        predict(composed[0])
-
-    run_command(task)
-    if argv is None and composed[0].pairs is None:  # the command line, one pair
-        end_process()
+    """Console entry point: ``regnet-predict [key=value ...]`` (Hydra override syntax); from the
+    command line a single pair's run ends the process when done
+    (:func:`regnet.cli.common.run_pair_command`)."""
+    run_pair_command("predict", predict, argv)
 
 
 if __name__ == "__main__":

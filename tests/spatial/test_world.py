@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import math
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from regnet.spatial.world import (
     save_displacement_nifti,
     save_itk_affine,
     save_itk_displacement,
+    save_nifti,
     voxel_to_world_points,
     warp_world,
     world_points_to_voxel,
@@ -379,6 +381,20 @@ def test_itk_displacement_file_layout_and_round_trip(tmp_path, dtype):
     torch.testing.assert_close(loaded, torch.from_numpy(disp), atol=0, rtol=0)
     np.testing.assert_allclose(loaded_affine, affine, atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["field.nii.gz"]
+
+
+def test_fields_are_gzip_without_deflate_and_images_deflated(tmp_path):
+    """Displacement fields go into ``.nii.gz`` as stored gzip blocks (FIELD_GZIP_LEVEL 0), other
+    images at nibabel's level 1; both read back bit for bit, also by SimpleITK."""
+    disp = np.zeros((1, 3, 12, 11, 10), np.float32)  # deflate would shrink this to almost nothing
+    path = save_itk_displacement(tmp_path / "field.nii.gz", torch.from_numpy(disp), np.eye(4))
+    raw = gzip.decompress(path.read_bytes())
+    assert path.stat().st_size > len(raw)  # stored: header + data + gzip framing
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(path))).shape == (10, 11, 12, 3)
+    image = nib.Nifti1Image(np.zeros((12, 11, 10), np.float32), np.eye(4))
+    save_nifti(image, tmp_path / "image.nii.gz")
+    assert (tmp_path / "image.nii.gz").stat().st_size < len(raw) / 10
+    assert np.asarray(nib.load(tmp_path / "image.nii.gz").dataobj).shape == (12, 11, 10)
 
 
 def test_load_reads_dispvect_files_as_ras(tmp_path):
