@@ -61,8 +61,8 @@ from regnet.pipeline import (
     complete_registration,
     load_volume,
 )
-from regnet.spatial import affine_to_ddf, apply_affine, identity_grid
-from regnet.spatial.cubic import sample_cubic
+from regnet.spatial import affine_to_ddf
+from regnet.spatial.cubic import resample_cubic
 from regnet.spatial.smooth import gaussian_smooth
 from regnet.spatial.world import GRID_AXES, ddf_to_world, warp_world, world_points_to_voxel
 
@@ -140,10 +140,7 @@ def on_grid(
     grid_to_volume = np.linalg.solve(volume.affine[axes], affine[axes])
     on_voxels = np.allclose(grid_to_volume, np.round(grid_to_volume), atol=1e-6)
     if mode == "cubic" and not on_voxels:
-        points = apply_affine(
-            torch.from_numpy(grid_to_volume)[None], identity_grid(tuple(shape), dtype=torch.float64)
-        )
-        return sample_cubic(data, points)
+        return resample_cubic(data, torch.from_numpy(grid_to_volume), tuple(shape))
     zero = torch.zeros(1, volume.ndim, *shape, dtype=torch.float64)
     mode = "linear" if mode == "cubic" else mode
     return warp_world(data.double(), volume.affine, zero, affine, mode=mode).float()

@@ -20,8 +20,6 @@ import torch.nn.functional as F
 _TRUNCATE = 3.0
 """Kernels reach ``round(3 sigma)`` samples either side of the centre (at least one)."""
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
 
 @functools.lru_cache(maxsize=64)
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -40,17 +38,10 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
         return kernel / kernel.sum()
 
 
-@functools.lru_cache(maxsize=256)
-def _conv_weight(
-    sigma: float, ndim: int, axis: int, channels: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """:func:`gaussian_kernel` as a depthwise ``ndim``-D convolution weight along ``axis``,
-    ``(channels, 1, ...)`` on ``device`` in ``dtype`` (cached: a GPU run copies it once)."""
-    with torch.inference_mode(False):
-        shape = [1] * (ndim + 2)
-        shape[axis + 2] = -1
-        kernel = gaussian_kernel(sigma).to(device=device, dtype=dtype).reshape(shape)
-        return kernel.repeat(channels, *[1] * (ndim + 1))
+@functools.lru_cache(maxsize=64)
+def _taps(sigma: float) -> tuple[float, ...]:
+    """:func:`gaussian_kernel` as Python floats (cached)."""
+    return tuple(float(v) for v in gaussian_kernel(sigma))
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: Sequence[float] | float) -> torch.Tensor:
@@ -65,7 +56,7 @@ def gaussian_smooth(x: torch.Tensor, sigma: Sequence[float] | float) -> torch.Te
         ``(B, C, *S)``; edges replicate the border value, so constant fields stay constant.
     """
     ndim = x.dim() - 2
-    if ndim not in _CONV:
+    if ndim not in (1, 2, 3):
         raise ValueError(
             f"gaussian_smooth: x must be (B, C, *S) with 1-3 spatial axes, got shape "
             f"{tuple(x.shape)}"
@@ -75,16 +66,13 @@ def gaussian_smooth(x: torch.Tensor, sigma: Sequence[float] | float) -> torch.Te
         raise ValueError(
             f"gaussian_smooth: {len(sigmas)} sigmas for {ndim} spatial axes of x {tuple(x.shape)}"
         )
-    channels = x.shape[1]
     out = x
     # One axis at a time, padding only that axis: the same products and sums as MONAI's
-    # separable_filtering (which pads every axis first), on smaller tensors. A depthwise
-    # (grouped) convolution is several times faster on the CPU than folding C into the batch.
+    # separable_filtering (which pads every axis first), on smaller tensors.
     for axis, s in enumerate(sigmas):
         if s <= 0:
             continue
-        weight = _conv_weight(s, ndim, axis, channels, x.device, x.dtype)
-        out = _SmoothAxis.apply(out, weight, axis)
+        out = _SmoothAxis.apply(out, _taps(s), axis)
     return out
 
 
@@ -97,35 +85,46 @@ def _pad_axis(x: torch.Tensor, axis: int, width: int, mode: str) -> torch.Tensor
     return F.pad(x, pad, mode=mode)
 
 
-class _SmoothAxis(torch.autograd.Function):
-    """Replicate-padded depthwise convolution along one spatial axis with a symmetric kernel.
+def _correlate_axis(x: torch.Tensor, taps: tuple[float, ...], axis: int) -> torch.Tensor:
+    """Valid correlation of ``x`` with ``taps`` along spatial ``axis`` (``n - len(taps) + 1``
+    samples), as a sum of shifted, weighted copies: the same products as a depthwise
+    convolution, summed in the same order (equal to the last bit in tests), and on the CPU 2-8x
+    faster than ``conv3d`` with a ``(k, 1, 1)`` kernel (2 threads: 82 against 659 ms for a 1 mm
+    brain, 3 taps; 2.9 against 6.1 ms for a 3-component SVF velocity, 7 taps)."""
+    dim = axis + 2
+    n = x.shape[dim] - len(taps) + 1
+    out = x.narrow(dim, 0, n) * taps[0]
+    for shift, tap in enumerate(taps[1:], start=1):
+        out.add_(x.narrow(dim, shift, n), alpha=tap)
+    return out
 
-    The backward pass is a forward convolution too: the adjoint of a valid correlation with a
+
+class _SmoothAxis(torch.autograd.Function):
+    """Replicate-padded correlation along one spatial axis with a symmetric kernel.
+
+    The backward pass is a forward correlation too: the adjoint of a valid correlation with a
     symmetric kernel is the correlation of the zero-padded gradient, and the adjoint of
     replicate padding adds each pad's gradient onto its border voxel. On the CPU the
     convolution's own backward was the dearest part of smoothing an SVF: forward + backward of
     a 3-component 66x78x63 field, sigma 1, 2 threads, 15.7 ms against 34.3 ms for MONAI's
     ``separable_filtering`` with autograd (``scripts/benchmarks/ops.py --shape 132,156,126
-    --table monai``; gradients equal within 1.8e-7).
+    --table monai``; gradients equal within 1.8e-7), before the correlation became shifted
+    sums (:func:`_correlate_axis`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, axis):
-        ctx.save_for_backward(weight)
-        ctx.axis = axis
-        tail = (weight.shape[axis + 2] - 1) // 2
-        conv = _CONV[x.dim() - 2]
-        return conv(_pad_axis(x, axis, tail, "replicate"), weight, groups=x.shape[1])
+    def forward(ctx, x, taps, axis):
+        ctx.taps, ctx.axis = taps, axis
+        tail = (len(taps) - 1) // 2
+        return _correlate_axis(_pad_axis(x, axis, tail, "replicate"), taps, axis)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        axis = ctx.axis
+        taps, axis = ctx.taps, ctx.axis
         dim = axis + 2
-        tail = (weight.shape[dim] - 1) // 2
-        conv = _CONV[grad.dim() - 2]
-        padded = conv(_pad_axis(grad, axis, 2 * tail, "constant"), weight, groups=grad.shape[1])
+        tail = (len(taps) - 1) // 2
+        padded = _correlate_axis(_pad_axis(grad, axis, 2 * tail, "constant"), taps, axis)
         n = grad.shape[dim]
         grad_x = padded.narrow(dim, tail, n).clone()
         grad_x.narrow(dim, 0, 1).add_(padded.narrow(dim, 0, tail).sum(dim, keepdim=True))
