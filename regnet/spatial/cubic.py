@@ -70,8 +70,7 @@ def sample_cubic(image: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     for axis in range(ndim):
         position = coords[0, axis].to(image.dtype) + PREFILTER_RADIUS
         base = position.floor()
-        t = position - base
-        w0, w1, w3 = (1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, t**3 / 6
+        w0, w1, _, w3 = _bspline_weights(position - base)
         g0 = w0 + w1
         scale = 2.0 / (coefficients.shape[2 + axis] - 1)
         weights.append((g0, 1 - g0))
@@ -108,26 +107,20 @@ def resample_cubic(
     if not (nonzero.sum(0) == 1).all() or not (nonzero.sum(1) == 1).all():
         grid = identity_grid(tuple(shape), image.device, torch.float64)
         return sample_cubic(image, apply_affine(matrix.double()[None], grid))
-    coefficients = bspline_coefficients(image)
-    out = coefficients
-    for out_axis in range(ndim):
-        source_axis = int(nonzero[:, out_axis].nonzero())  # image axis this output axis runs on
-        dim = source_axis + 2
+    sources = [int(nonzero[:, a].nonzero()) for a in range(ndim)]  # image axis of output axis a
+    out = bspline_coefficients(image)
+    for out_axis, source in enumerate(sources):
         index = torch.arange(shape[out_axis], dtype=torch.float64, device=image.device)
-        position = linear[source_axis, out_axis].double() * index + matrix[source_axis, ndim]
-        out = _interpolate_axis(out, position + PREFILTER_RADIUS, dim)
-    # image axis order -> output axis order
-    order = [int(nonzero[:, a].nonzero()) for a in range(ndim)]
-    return out.permute(0, 1, *[axis + 2 for axis in order]).contiguous()
+        position = linear[source, out_axis].double() * index + matrix[source, ndim]
+        out = _interpolate_axis(out, position + PREFILTER_RADIUS, source + 2)
+    return out.permute(0, 1, *[source + 2 for source in sources]).contiguous()
 
 
 def _interpolate_axis(coefficients: torch.Tensor, position: torch.Tensor, dim: int) -> torch.Tensor:
     """Cubic B-spline values along tensor dimension ``dim`` of ``coefficients`` at the float64
     ``position`` s (coefficient indices); zero where a tap falls outside the coefficients."""
     base = position.floor()
-    t = (position - base).to(coefficients.dtype)
-    weights = ((1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, None, t**3 / 6)
-    weights = (weights[0], weights[1], 1 - weights[0] - weights[1] - weights[3], weights[3])
+    weights = _bspline_weights((position - base).to(coefficients.dtype))
     size = coefficients.shape[dim]
     view = [1] * coefficients.dim()
     view[dim] = -1
@@ -139,3 +132,10 @@ def _interpolate_axis(coefficients: torch.Tensor, position: torch.Tensor, dim: i
         term = taken * (weight * inside).view(view)
         out = term if out is None else out.add_(term)
     return out
+
+
+def _bspline_weights(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cubic B-spline weights of the coefficients at ``base - 1 .. base + 2`` for a position
+    ``base + t``, ``0 <= t < 1``; they sum to 1."""
+    w0, w1, w3 = (1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, t**3 / 6
+    return w0, w1, 1 - w0 - w1 - w3, w3
