@@ -68,9 +68,12 @@ from PIL import Image
 from regnet import __version__
 from regnet.pipeline import GridField, PairInputs, RegistrationResult, Volume
 from regnet.spatial.world import (
+    FIELD_GZIP_LEVEL,
+    fortran_order,
     save_displacement_nifti,
     save_itk_affine,
     save_itk_displacement,
+    save_nifti,
     warp_world,
     world_to_ddf,
 )
@@ -149,19 +152,20 @@ def _fixed_header(fixed: Volume, dtype: np.dtype) -> nib.Nifti1Header:
     return header
 
 
-def save_like_fixed(path: str | Path, data: np.ndarray, fixed: Volume) -> Path:
+def save_like_fixed(path: str | Path, data: np.ndarray, fixed: Volume, gzip_level: int = 1) -> Path:
     """Save a 3D array ``(I, J, K)`` on the fixed grid with the fixed image's affine and header
-    (sform/qform codes kept from the fixed file; 1 when it had none)."""
+    (sform/qform codes kept from the fixed file; 1 when it had none), at ``gzip_level`` for a
+    ``.nii.gz`` path."""
     data = np.asarray(data)
     if data.shape != fixed.shape:
         raise ValueError(f"{path}: data shape {data.shape} differs from fixed shape {fixed.shape}")
     header = _fixed_header(fixed, data.dtype)
-    image = nib.Nifti1Image(data, fixed.affine, header=header)
+    image = nib.Nifti1Image(fortran_order(data), fixed.affine, header=header)
     sform_code = int(header["sform_code"]) or 1
     qform_code = int(header["qform_code"]) or 1
     image.set_sform(fixed.affine, code=sform_code)
     image.set_qform(fixed.affine, code=qform_code)
-    nib.save(image, str(path))
+    save_nifti(image, path, gzip_level)
     return Path(path)
 
 
@@ -256,7 +260,14 @@ def overview_image(inputs: PairInputs, result: RegistrationResult) -> torch.Tens
         fixed.affine,
     )
     ddf = world_to_ddf(result.field.disp_mm, fixed.affine)
-    panel = make_panel(fixed.data[0], moving_on_fixed[0], result.warped[0], ddf[0], fixed.affine)
+    panel = make_panel(
+        fixed.data[0],
+        moving_on_fixed[0],
+        result.warped[0],
+        ddf[0],
+        fixed.affine,
+        det=result.jacobian,
+    )
     return panel.image
 
 
@@ -292,7 +303,9 @@ def write_registration(
             lambda: save_like_fixed(warped, result.warped[0, 0].numpy().astype(np.float32), fixed),
             lambda: save_displacement_nifti(disp_mm, disp, fixed.affine),
             lambda: save_itk_displacement(itk_warp, disp, fixed.affine),
-            lambda: save_like_fixed(jacdet, result.jacobian.numpy().astype(np.float32), fixed),
+            lambda: save_like_fixed(
+                jacdet, result.jacobian.numpy().astype(np.float32), fixed, FIELD_GZIP_LEVEL
+            ),
         ]
         if result.warped_labels is not None:
             labels = result.warped_labels[0, 0].numpy()

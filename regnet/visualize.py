@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from regnet.spatial import jacobian_determinant, warp
+from regnet.spatial import jacobian_determinant, sample, warp
 
 FOLD_COLOUR = (0.0, 0.0, 0.0)
 """RGB of voxels with ``det J <= 0`` (folding) in :func:`jacobian_image`."""
@@ -118,18 +118,47 @@ def grid_image(
     spatial = ddf.shape[1:]
     if len(spatial) != ndim:
         raise ValueError(f"grid_image: ddf must have shape (ndim, *S), got {tuple(ddf.shape)}")
-    spacing = max(2, min(spatial) // 8) if spacing is None else int(spacing)
+    spacing = _grid_spacing(spatial) if spacing is None else int(spacing)
     if spacing < 1:
         raise ValueError(f"grid_image: spacing must be >= 1, got {spacing}")
     axes = tuple(range(ndim)) if axes is None else axes
     field = ddf.float()
+    return warp(_line_pattern(field, spacing, axes)[None, None], field[None])[0]
+
+
+def _grid_spacing(spatial: tuple[int, ...]) -> int:
+    """:func:`grid_image`'s default voxels between lines."""
+    return max(2, min(spatial) // 8)
+
+
+def _line_pattern(field: torch.Tensor, spacing: int, axes: tuple[int, ...]) -> torch.Tensor:
+    """``(*S)`` of field ``(ndim, *S)``'s grid, in its dtype: 1 on voxels whose index along one
+    of ``axes`` is a multiple of ``spacing``, else 0."""
+    spatial = tuple(field.shape[1:])
     pattern = torch.zeros(spatial, dtype=field.dtype, device=field.device)
     for axis in axes:
         on_line = torch.arange(spatial[axis], device=field.device) % spacing == 0
-        shape = [1] * ndim
+        shape = [1] * len(spatial)
         shape[axis] = spatial[axis]
         pattern = torch.maximum(pattern, on_line.view(shape).to(field.dtype))
-    return warp(pattern[None, None], field[None])[0]
+    return pattern
+
+
+def _grid_plane(field: torch.Tensor, across: int, index: int) -> torch.Tensor:
+    """``grid_image(field, axes=<the other two>)`` of a 3D field ``(3, *S)``, evaluated only on
+    slice ``index`` across axis ``across`` and returned as ``(1, *S)`` with that one slice
+    filled (the values :func:`grid_image` gives there; the panel shows nothing else)."""
+    spatial = tuple(field.shape[1:])
+    in_plane = tuple(a for a in range(3) if a != across)
+    pattern = _line_pattern(field, _grid_spacing(spatial), in_plane)
+    axes = [torch.arange(n, dtype=field.dtype, device=field.device) for n in spatial]
+    axes[across] = axes[across][index : index + 1]
+    identity = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    plane = field.narrow(across + 1, index, 1)
+    values = sample(pattern[None, None], (identity + plane)[None])[0]
+    out = torch.zeros((1, *spatial), dtype=field.dtype, device=field.device)
+    out.narrow(across + 1, index, 1).copy_(values)
+    return out
 
 
 def jacobian_image(det: torch.Tensor) -> torch.Tensor:
@@ -277,6 +306,7 @@ def make_panel(
     affine: torch.Tensor | np.ndarray | None = None,
     convention: str = "radiological",
     tile_size: int = 160,
+    det: torch.Tensor | None = None,
 ) -> Panel:
     """Draw the overview of one registered pair (see the module docstring): the RGB image
     ``(3, H, W)`` in ``[0, 1]`` (:attr:`Panel.image`) and where its tiles and marks lie.
@@ -287,6 +317,8 @@ def make_panel(
         affine: the fixed grid's voxel -> RAS mm affine (``None``: array axes are R, A, S).
         convention: ``"radiological"`` or ``"neurological"``, for axial and coronal tiles.
         tile_size: pixels spanned by the largest extent (mm) of the fixed grid.
+        det: ``(*S)`` Jacobian determinant of the transform on the same grid, array axes, when
+            the caller has it (registration results do); ``None``: computed from ``ddf``.
     """
     ndim = ddf.shape[0]
     spatial = tuple(ddf.shape[1:])
@@ -314,17 +346,26 @@ def make_panel(
     orientation = _Orientation.of(_affine_3d(affine, ndim), shape3)
     images = [orientation.volume(image) for image in images]
     field3 = orientation.field(field3)
+    if det is not None:
+        if tuple(det.shape) != spatial:
+            raise ValueError(
+                f"make_panel: det must have shape {spatial} to match ddf, got {tuple(det.shape)}"
+            )
+        det = det.detach().float()
+        det = orientation.volume((det[..., None] if ndim == 2 else det)[None])[0]
     if ndim == 2:
         across = orientation.ras_axis[2]  # the RAS axis the slice's thin axis became
         in_plane = [r for r in range(3) if r != across]
         field2 = field3[in_plane].squeeze(across + 1)
-        det = jacobian_determinant(field2[None])[0].unsqueeze(across)
+        if det is None:
+            det = jacobian_determinant(field2[None])[0].unsqueeze(across)
         grids = {across: grid_image(field2).unsqueeze(across + 1)}
         planes = [across]
     else:
-        det = jacobian_determinant(field3[None])[0]
+        if det is None:
+            det = jacobian_determinant(field3[None])[0]
         planes = list(PLANES)
-        grids = {r: grid_image(field3, axes=tuple(a for a in range(3) if a != r)) for r in planes}
+        grids = {r: _grid_plane(field3, r, field3.shape[r + 1] // 2) for r in planes}
     ras_shape = images[0].shape[1:]
     extents = [n * s for n, s in zip(ras_shape, orientation.spacing, strict=True)]
     pixel_mm = max(extents) / tile_size

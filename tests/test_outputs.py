@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -87,6 +88,8 @@ def test_outputs_carry_the_fixed_header_and_the_result(tmp_path: Path, registrat
     np.testing.assert_array_equal(np.asarray(labels.dataobj), result.warped_labels[0, 0].numpy())
     jacdet = nib.load(str(out / "jacdet.nii.gz")).get_fdata()
     np.testing.assert_allclose(jacdet, result.jacobian.numpy(), rtol=1e-6)
+    stored = out / "jacdet.nii.gz"  # stored gzip blocks, as the fields (FIELD_GZIP_LEVEL)
+    assert stored.stat().st_size > len(gzip.decompress(stored.read_bytes()))
     for name in ("disp_mm.nii.gz", "itk_warp.nii.gz"):
         disp, field_affine = load_itk_displacement(out / name)
         np.testing.assert_allclose(disp.numpy(), result.field.disp_mm.numpy(), atol=1e-6)

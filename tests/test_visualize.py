@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from regnet.spatial import jacobian_determinant
 from regnet.visualize import (
     FOLD_COLOUR,
     PANEL_TILES,
+    _grid_plane,
     checkerboard,
     grid_image,
     intensity_window,
@@ -48,6 +50,36 @@ def test_grid_image_follows_backward_mapping():
     rows = out[0, :15].amax(dim=1).numpy()  # the last row samples outside (border value)
     np.testing.assert_array_equal(np.flatnonzero(rows > 1e-5), [3, 7, 11])
     torch.testing.assert_close(out[0, 3], torch.ones(12))
+
+
+@pytest.mark.parametrize("across", [0, 1, 2])
+def test_grid_plane_is_the_slice_of_the_full_grid_image(across):
+    field = wavy_field((11, 13, 9)) * 1.5
+    index = field.shape[across + 1] // 2
+    in_plane = tuple(a for a in range(3) if a != across)
+    full = grid_image(field, axes=in_plane)
+    plane = _grid_plane(field, across, index)
+    torch.testing.assert_close(
+        plane.select(across + 1, index), full.select(across + 1, index), atol=1e-6, rtol=0
+    )
+    plane.select(across + 1, index).zero_()
+    assert not plane.any()  # nothing drawn off the slice
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_panel_with_the_callers_determinant_is_the_panel_it_computes(ndim):
+    fixed, affine = head()
+    if ndim == 2:
+        fixed, affine = fixed[..., 8], affine[np.ix_([0, 1, 3], [0, 1, 3])]
+    moving = fixed.roll(2, dims=1)
+    field = wavy_field((*fixed.shape[1:], 1)[:3])[:ndim]
+    field = field[..., 0] if ndim == 2 else field
+    det = jacobian_determinant(field[None].double())[0]
+    computed = make_panel(fixed, moving, moving, field, affine).image
+    given = make_panel(fixed, moving, moving, field, affine, det=det).image
+    torch.testing.assert_close(given, computed, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="det must have shape"):
+        make_panel(fixed, moving, moving, field, affine, det=det[:-1])
 
 
 def test_jacobian_image_colours():

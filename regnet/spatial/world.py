@@ -337,10 +337,26 @@ def _atomic_write(path: str | os.PathLike, suffixes: Sequence[str], write: Calla
 
 
 FIELD_GZIP_LEVEL = 0
-"""gzip level of displacement fields written as ``.nii.gz``: stored blocks, no deflate. Their
-float32 components have noise-like low mantissa bits: at level 1 deflate saved 9 % of a 1 mm
-brain field (197x233x189x3, 104 MB) and took 2.7 s of one thread per file (0.14 s stored),
-for the two fields of every ``register.py`` result. Any gzip reader reads either."""
+"""gzip level of displacement fields (and of ``register.py``'s Jacobian determinant map) written
+as ``.nii.gz``: stored blocks, no deflate. Their float32 values have noise-like low mantissa bits:
+at level 1 deflate saved 9 % of a 1 mm brain field (197x233x189x3, 104 MB) and took 2.7 s of one
+thread per file (0.14 s stored), and 24 % of that pair's determinant map (34 MB) in 0.6 s (0.04 s
+stored). Any gzip reader reads either."""
+
+
+def fortran_order(array: np.ndarray) -> np.ndarray:
+    """``array``'s values, Fortran-contiguous: the layout NIfTI stores (first axis fastest), so
+    that nibabel writes them without its own single-threaded transposition. The copy is torch's
+    threaded one (a 1 mm brain field, 182x218x182x3 float32, 2 threads: 0.06 s against numpy's
+    0.17 s, and writing it then takes 0.09 s instead of 0.38 s)."""
+    if array.flags.f_contiguous:
+        return array
+    reverse = tuple(reversed(range(array.ndim)))
+    try:
+        flipped = torch.from_numpy(array).permute(reverse).contiguous()
+    except (TypeError, ValueError, RuntimeError):  # negative strides, a type torch lacks
+        return np.asfortranarray(array)
+    return flipped.numpy().transpose(reverse)
 
 
 def save_nifti(image: nib.Nifti1Image, path: str | os.PathLike, gzip_level: int = 1) -> None:
@@ -390,7 +406,7 @@ def _save_vector_nifti(
 ) -> Path:
     """Write ``components`` ``(3, X, Y, Z)`` as a 5D ``(X, Y, Z, 1, 3)`` NIfTI vector image, or
     ``(2, X, Y)`` as ``(X, Y, 1, 1, 2)``."""
-    data = np.moveaxis(components, 0, -1)
+    data = fortran_order(np.moveaxis(components, 0, -1))
     data = data[:, :, :, None, :] if components.shape[0] == 3 else data[:, :, None, None, :]
     image = nib.Nifti1Image(data, affine)
     image.header.set_intent(intent)

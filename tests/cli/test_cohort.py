@@ -205,10 +205,10 @@ def test_a_bad_row_is_listed_and_the_others_go_on(listing, tmp_path, capsys):
 def test_a_pair_that_fails_while_writing_leaves_nothing(listing, tmp_path, capsys, monkeypatch):
     real = regnet.outputs.save_like_fixed
 
-    def failing(path, data, fixed):
+    def failing(path, data, fixed, *level):
         if "i2_to_i0" in str(path) and Path(path).name == "jacdet.nii.gz":
             raise OSError("disk full")
-        return real(path, data, fixed)
+        return real(path, data, fixed, *level)
 
     monkeypatch.setattr(regnet.outputs, "save_like_fixed", failing)
     out = tmp_path / "out"

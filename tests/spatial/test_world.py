@@ -15,6 +15,7 @@ import torch
 from regnet.spatial import warp
 from regnet.spatial.world import (
     ddf_to_world,
+    fortran_order,
     itk_geometry_to_affine,
     load_itk_displacement,
     resample_world_field,
@@ -465,3 +466,19 @@ def test_a_2d_affine_is_written_as_an_itk_2d_transform(tmp_path):
     for lps in ([1.0, 2.0], [-4.0, 7.5]):
         ras = ras_map @ np.array([-lps[0], -lps[1], 1.0])
         np.testing.assert_allclose(transform.TransformPoint(lps), [-ras[0], -ras[1]], atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(60, dtype=np.float32).reshape(3, 4, 5),
+        np.arange(120, dtype=np.float64).reshape(2, 3, 4, 5)[:, ::-1],  # negative strides
+        np.arange(24, dtype=np.uint16).reshape(2, 3, 4),
+        np.asfortranarray(np.ones((2, 3), np.int16)),
+    ],
+    ids=["float32", "flipped-view", "uint16", "already"],
+)
+def test_fortran_order_keeps_values_and_gives_nifti_layout(array):
+    out = fortran_order(array)
+    assert out.flags.f_contiguous and out.dtype == array.dtype
+    np.testing.assert_array_equal(out, array)
