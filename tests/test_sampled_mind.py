@@ -194,3 +194,29 @@ def test_affine_matrix_unaffected_by_sampling():
     dense = register(fixed, moving, **kwargs)
     sampled = register(fixed, moving, mind_sampling=True, **kwargs)
     torch.testing.assert_close(dense.matrix, sampled.matrix)
+
+
+@pytest.mark.parametrize("shape", [(30, 26), (24, 22, 20)])
+def test_only_faces_that_cut_the_object_lose_their_band(shape):
+    from regnet.optimize.sampled import uncut_region
+
+    ndim = len(shape)
+    margins = torch.zeros(1, 1, *shape)
+    margins[(..., *(slice(6, -6),) * ndim)] = 1.0  # an object with air all round
+    assert bool((uncut_region(margins, 5) == 1).all())
+    cut = margins.clone()
+    cut[(..., *(slice(6, -6),) * (ndim - 1), slice(6, None))] = 1.0  # runs out of the last face
+    keep = uncut_region(cut, 5)
+    assert bool((keep[..., -5:] == 0).all()) and bool((keep[..., :-5] == 1).all())
+
+
+def test_a_cut_face_band_carries_no_similarity_weight():
+    shape = (26, 24, 22)
+    fixed = head(shape, 0)
+    fixed[..., -6:] = fixed[..., -7:-6]  # the object runs out of the last face
+    lattice = SampledMIND(fixed, head(shape, 1), None, None, stride=1).lattice
+    index = lattice.samples[0][0]
+    depth = index % shape[2]  # position along the last axis
+    reach = 1 + 2 * 2  # the descriptor's radius + 2 * dilation
+    assert int(depth.max()) == shape[2] - 1 - reach
+    assert int(depth.min()) == 0  # the first face is air: its band keeps the dilated foreground

@@ -12,7 +12,8 @@ steps, a 20-30 degree pose offset on the real-scan benchmark ended at 1.05 mm EP
 *warped* (trilinear, border padding) and the squared descriptor difference is evaluated only at
 the fixed voxels where the similarity has weight: the mask's voxels, or without a mask the fixed
 foreground (:func:`regnet.optimize.initialize.foreground_mask`) dilated by the descriptor's
-reach, outside which both images are background and the dense term is zero. With ``stride`` > 1
+reach, outside which both images are background and the dense term is zero; voxels within that
+reach of a grid face that cuts the object carry no weight (:func:`uncut_region`). With ``stride`` > 1
 the voxels are taken on a lattice of that stride whose offset cycles through all
 ``stride ** ndim`` offsets from one evaluation to the next, so every voxel is used within a cycle.
 
@@ -78,14 +79,15 @@ class SampledMIND:
             self.moving_mask = None if moving_mask is None else moving_mask.detach()
             self.fixed_descriptors = mind_ssc(fixed, radius, dilation).flatten(2)[0]  # (E, N)
             self.moving_descriptors = mind_ssc(moving, radius, dilation)  # (1, E, *S)
-            if fixed_mask is None:
-                reach = radius + 2 * dilation
-                region = dilate(foreground_mask(fixed), [reach] * self.ndim)
-                weights = region.flatten()
+            reach = radius + 2 * dilation
+            foreground = foreground_mask(fixed, 0)
+            if fixed_mask is None:  # foreground_mask's own dilation (2), then the reach
+                weights = dilate(foreground, [2 + reach] * self.ndim).flatten()
                 self.normaliser = float(fixed.shape[2:].numel())
             else:
                 weights = fixed_mask.detach().float().flatten()
                 self.normaliser = None  # the sampled weights' own total
+            weights = weights * uncut_region(foreground, reach).flatten()
         self.lattice = Lattice(weights, shape, stride)
         self.cell = self.lattice.cell
 
@@ -124,6 +126,31 @@ class SampledMIND:
         pairs = zip(grid, self.shape, strict=True)
         ratios = [(g - 1) / (n - 1) if n > 1 else 1.0 for g, n in pairs]
         return axis_scale(ratios, device).view(self.ndim, 1)
+
+
+CUT_FACE_FRACTION = 0.01
+"""A grid face on which at least this fraction of voxels is foreground cuts the object."""
+
+
+def uncut_region(foreground: torch.Tensor, margin: int) -> torch.Tensor:
+    """``(*S)`` float of a foreground mask ``(1, 1, *S)``: 0 within ``margin`` voxels of every
+    grid face that cuts the object (:data:`CUT_FACE_FRACTION` of the face is foreground), else 1.
+
+    A fixed voxel's MIND-SSC descriptor reads a patch reaching ``radius + 2 * dilation`` voxels;
+    within that reach of a face part of the patch is border padding. Over air (a head with
+    margins) the padding is what lies beyond, but where the field of view cuts the object (a
+    partial field of view, a slab, the neck) those descriptors show an edge the moving image does
+    not have there, and matching them pulls the field: on the 1 mm partial-field-of-view scan of
+    ``docs/benchmarks.md`` ("Real scans") the 10 mm below the cut scored Dice 0.812 against ANTs
+    SyN's 0.832 while the rest scored 0.961 against 0.944."""
+    mask = foreground[0, 0]
+    keep = torch.ones_like(mask)
+    for axis, n in enumerate(mask.shape):
+        band = min(margin, n)
+        for start in (0, n - 1):
+            if float(mask.select(axis, start).mean()) >= CUT_FACE_FRACTION:
+                keep.narrow(axis, 0 if start == 0 else n - band, band).zero_()
+    return keep
 
 
 class Lattice:
