@@ -13,8 +13,8 @@ steps, a 20-30 degree pose offset on the real-scan benchmark ended at 1.05 mm EP
 the fixed voxels where the similarity has weight: the mask's voxels, or without a mask the fixed
 foreground (:func:`regnet.optimize.initialize.foreground_mask`) dilated by the descriptor's
 reach, outside which both images are background and the dense term is zero; voxels within that
-reach of a grid face that cuts the object carry no weight (:func:`uncut_region`). With ``stride`` > 1
-the voxels are taken on a lattice of that stride whose offset cycles through all
+reach of a grid face that cuts the object carry no weight (:func:`uncut_region`). With
+``stride`` > 1 the voxels are taken on a lattice of that stride whose offset cycles through all
 ``stride ** ndim`` offsets from one evaluation to the next, so every voxel is used within a cycle.
 
 The value is normalised as the dense term's: the mean over descriptor channels and over the
