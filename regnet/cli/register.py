@@ -309,6 +309,7 @@ def register_pair(
             for h in result.history
         },
         "level_seconds": level_seconds(result.history),
+        "level_steps": level_steps(result.history),
     }
     if check is not None:
         info["start_check"] = check.as_dict()
@@ -327,6 +328,16 @@ def level_seconds(history: Sequence[Any]) -> dict[str, float]:
         key = f"{record.stage}/level{record.level}"
         seconds[key] = seconds.get(key, 0.0) + record.seconds
     return seconds
+
+
+def level_steps(history: Sequence[Any]) -> dict[str, int]:
+    """Optimiser steps run per ``stage/level`` of a registration's history (the start search's
+    candidates add up), so that ``metrics.json`` says what ``iterations=null`` chose."""
+    steps: dict[str, int] = {}
+    for record in history:
+        key = f"{record.stage}/level{record.level}"
+        steps[key] = steps.get(key, 0) + len(record.losses)
+    return steps
 
 
 def run_list(cfg: DictConfig) -> Path:

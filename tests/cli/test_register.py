@@ -240,6 +240,8 @@ def test_deformable_run_writes_its_affine_stage(pair, tmp_path):
     assert list(seconds) == ["search/level0", "affine/level0", "svf/level0", "polish/level0"]
     assert all(value > 0 for value in seconds.values())
     assert sum(seconds.values()) <= metrics["seconds"]
+    steps = metrics["info"]["level_steps"]
+    assert steps["affine/level0"] == 20 and steps["svf/level0"] == 5 and steps["polish/level0"] == 2
     parameters = np.array((out / "affine.tfm").read_text().splitlines()[3].split()[1:], float)
     flip = np.diag([-1.0, -1.0, 1.0])
     np.testing.assert_allclose(parameters[9:], flip @ world[:3, 3], atol=1e-9)
@@ -311,3 +313,15 @@ def test_fine_working_grids_get_more_finest_svf_steps(settings, grid_spacing, ex
     defaults = Path(__file__).resolve().parents[2] / "configs" / "register.yaml"
     cfg = OmegaConf.merge(OmegaConf.load(defaults), settings)
     assert svf_iterations(cfg, grid_spacing) == expected
+
+
+@pytest.mark.parametrize(("spacing", "finest"), [(1.5, 25), (2.0, 15)])
+def test_metrics_record_the_finest_svf_steps_the_working_grid_chose(
+    pair, tmp_path, spacing, finest
+):
+    fixed, moving, _ = pair
+    out = tmp_path / "out"
+    args = [f"fixed={fixed}", f"moving={moving}", f"spacing={spacing}", "overview=false"]
+    main([*args, "affine_iterations=[2,2,0]", "search_iterations=1", f"out={out}", "device=cpu"])
+    steps = json.loads((out / "metrics.json").read_text())["info"]["level_steps"]
+    assert steps["svf/level2"] == finest and steps["svf/level0"] == 60
