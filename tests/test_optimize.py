@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from regnet.optimize import refine, register
+from regnet.optimize.engine import _default_iterations
 from regnet.optimize.initialize import centre_of_mass_translation
 from regnet.optimize.pyramid import level_shapes
 from regnet.spatial import affine_matrix, affine_to_ddf, identity_grid, jacobian_determinant, warp
@@ -338,3 +339,21 @@ def test_overlap_region_is_the_fixed_foreground_near_the_placed_moving_one(ndim)
     # foregrounds of similar volume: no region
     assert overlap_region(head, head, {"fixed_mask": head, "moving_mask": head}, matrix, 2.0,
                            None) is None  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("transform", "levels", "spacing", "expected"),
+    [
+        ("svf", 3, None, (60, 40, 15)),  # voxels: no size to go by
+        ("svf", 3, (2.0, 2.0, 2.0), (60, 40, 15)),
+        ("svf", 3, (1.5, 1.5, 1.5), (60, 40, 25)),
+        ("svf", 3, (2.0, 1.0), (60, 40, 25)),  # 2D, one finer axis
+        ("svf", 4, (1.5, 1.5, 1.5), (60, 60, 40, 25)),
+        ("svf", 1, (1.0, 1.0), (25,)),
+        ("affine", 3, (1.0, 1.0, 1.0), (100, 60, 30)),
+    ],
+)
+def test_default_iterations_give_fine_grids_more_finest_svf_steps(
+    transform, levels, spacing, expected
+):
+    assert _default_iterations(transform, levels, spacing) == expected

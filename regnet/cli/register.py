@@ -158,27 +158,6 @@ def scale_intensities(image: torch.Tensor, percentiles: Sequence[float]) -> torc
     return ((image - low) / (high - low)).clamp(0, 1)
 
 
-FINE_GRID_SVF_ITERATIONS = (60, 40, 25)
-"""``iterations=null`` for the default three-level ``svf`` on a working grid finer than 2 mm
-(``spacing=auto`` picks 1.5 mm for 1 mm scans): 25 finest steps instead of the engine's 15. In
-two runs of the 1 mm real-scan benchmark (``docs/benchmarks.md``, "Real scans at 1 mm") they
-raised Dice in all 8 scenarios (by 0.001-0.006) and lowered the end-point error (by 0.01-0.025
-mm) for about 1.17x the registration time and the same whole command within noise; on 2 mm
-grids, where the finest level is the larger share of the time, they cost 1.2x for Dice within
-0.003, so those keep the engine's default."""
-
-
-def svf_iterations(cfg: DictConfig, grid_spacing: Sequence[float]) -> tuple[int, ...] | None:
-    """``iterations=`` as set, else :data:`FINE_GRID_SVF_ITERATIONS` for the default three-level
-    SVF on a working grid finer than 2 mm, else ``None`` (the engine's default)."""
-    if cfg.iterations is not None:
-        return _tuple(cfg.iterations, "iterations")
-    fine = min(grid_spacing) < 2.0 - 1e-6
-    if str(cfg.transform) == "svf" and int(cfg.levels) == 3 and fine:
-        return FINE_GRID_SVF_ITERATIONS
-    return None
-
-
 def _tuple(value: Any, name: str) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -241,7 +220,6 @@ def register_pair(
         ).float()
     weights = cfg.weights
     loss = str(cfg.loss) if cfg.loss else None
-    grid_spacing = [float(s) for s in np.linalg.norm(affine[:3, : len(shape)], axis=0)]
     try:
         result = register(
             fixed.to(device),
@@ -250,7 +228,7 @@ def register_pair(
             loss=loss,
             weights=None if weights is None else OmegaConf.to_container(weights),
             levels=int(cfg.levels),
-            iterations=svf_iterations(cfg, grid_spacing),
+            iterations=_tuple(cfg.iterations, "iterations"),
             lr=None if cfg.lr is None else float(cfg.lr),
             landmark_weight=float(cfg.landmark_weight),
             init=str(cfg.init),
@@ -266,7 +244,7 @@ def register_pair(
             affine_model=str(cfg.affine_model),
             affine_iterations=_tuple(cfg.affine_iterations, "affine_iterations"),
             affine_lr=None if cfg.affine_lr is None else float(cfg.affine_lr),
-            spacing=grid_spacing,
+            spacing=[float(s) for s in np.linalg.norm(affine[:3, : len(shape)], axis=0)],
             windows=_tuple(cfg.windows, "windows"),
             smoothing=float(cfg.smoothing),
             control_spacing=float(cfg.control_spacing),

@@ -11,13 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from regnet.cli.register import (
-    FINE_GRID_SVF_ITERATIONS,
-    main,
-    on_grid,
-    svf_iterations,
-    working_grid,
-)
+from regnet.cli.register import main, on_grid, working_grid
 from regnet.pipeline import load_volume
 
 SHIFT_MM = np.array([4.0, -3.0, 2.0])  # moving content = fixed content moved by this (RAS mm)
@@ -294,25 +288,6 @@ def test_the_command_line_ends_with_every_output_written_and_its_summary_printed
     for name in metrics["outputs"].values():
         assert (out / name).stat().st_size > 0
     assert nib.load(out / "warped.nii.gz").get_fdata().shape == (18, 20, 16)
-
-
-@pytest.mark.parametrize(
-    ("settings", "grid_spacing", "expected"),
-    [
-        ({}, (1.5, 1.5, 1.5), FINE_GRID_SVF_ITERATIONS),  # spacing=auto on a 1 mm scan
-        ({}, (2.0, 2.0, 2.0), None),  # the engine's 60/40/15
-        ({}, (2.0, 2.0, 1.0), FINE_GRID_SVF_ITERATIONS),  # a finer axis counts
-        ({"iterations": [5, 5, 5]}, (1.5, 1.5, 1.5), (5, 5, 5)),  # a setting always wins
-        ({"transform": "affine"}, (1.5, 1.5, 1.5), None),
-        ({"levels": 4}, (1.5, 1.5, 1.5), None),
-    ],
-)
-def test_fine_working_grids_get_more_finest_svf_steps(settings, grid_spacing, expected):
-    from omegaconf import OmegaConf
-
-    defaults = Path(__file__).resolve().parents[2] / "configs" / "register.yaml"
-    cfg = OmegaConf.merge(OmegaConf.load(defaults), settings)
-    assert svf_iterations(cfg, grid_spacing) == expected
 
 
 @pytest.mark.parametrize(("spacing", "finest"), [(1.5, 25), (2.0, 15)])
