@@ -42,12 +42,13 @@ def test_foreground_mask_holds_the_head_not_the_background() -> None:
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_dilate_is_one_box_max_pool(ndim: int) -> None:
+@pytest.mark.parametrize("radii", [[1, 3, 0], [12, 2, 5]])
+def test_dilate_is_one_box_max_pool(ndim: int, radii: list[int]) -> None:
     from regnet.optimize.initialize import dilate
 
     generator = torch.Generator().manual_seed(ndim)
     mask = (torch.rand(1, 1, *[9 + k for k in range(ndim)], generator=generator) > 0.9).float()
-    radius = [1, 3, 0][:ndim]
+    radius = radii[:ndim]  # 12: wider than the axis
     pool = torch.nn.functional.max_pool2d if ndim == 2 else torch.nn.functional.max_pool3d
     expected = pool(mask, [2 * r + 1 for r in radius], stride=1, padding=radius)
     assert torch.equal(dilate(mask, radius), expected)

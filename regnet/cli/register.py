@@ -67,15 +67,17 @@ from regnet.spatial.smooth import gaussian_smooth
 from regnet.spatial.world import GRID_AXES, ddf_to_world, warp_world, world_points_to_voxel
 
 
-def working_grid(fixed: Volume, spacing: float | None) -> tuple[np.ndarray, tuple[int, ...]]:
+def working_grid(
+    fixed: Volume, spacing: float | Sequence[float] | None
+) -> tuple[np.ndarray, tuple[int, ...]]:
     """Affine ``(4, 4)`` and shape of the working grid: the fixed image's axes permuted and
     flipped to the closest RAS orientation (as ``nibabel.as_closest_canonical``; 2D: within the
-    image plane), resampled to ``spacing`` mm (``None``: keep the fixed spacing) over the same
-    extent, first voxel centre kept (corner voxel centres of the fixed image stay on or within
-    half a voxel of the grid)."""
-    axes = np.ix_(GRID_AXES[fixed.ndim], GRID_AXES[fixed.ndim])
-    orientation = nib.orientations.io_orientation(fixed.affine[axes])
+    image plane), resampled to ``spacing`` mm (one number, or one per working-grid axis in RAS
+    order; ``None``: keep the fixed spacing) over the same extent, first voxel centre kept
+    (corner voxel centres of the fixed image stay on or within half a voxel of the grid)."""
+    orientation = _canonical_orientation(fixed)
     reorder = np.eye(4)
+    axes = np.ix_(GRID_AXES[fixed.ndim], GRID_AXES[fixed.ndim])
     reorder[axes] = nib.orientations.inv_ornt_aff(orientation, fixed.shape)
     canonical = fixed.affine @ reorder
     shape = [fixed.shape[int(axis)] for axis in orientation[:, 0]]
@@ -83,29 +85,42 @@ def working_grid(fixed: Volume, spacing: float | None) -> tuple[np.ndarray, tupl
     old_spacing = np.linalg.norm(columns, axis=0)
     if spacing is None:
         return canonical, tuple(shape)
+    new_spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), old_spacing.shape)
     new_shape = [
-        max(1, round((n - 1) * s / spacing) + 1) for n, s in zip(shape, old_spacing, strict=True)
+        max(1, round((n - 1) * s / g) + 1)
+        for n, s, g in zip(shape, old_spacing, new_spacing, strict=True)
     ]
     affine = canonical.copy()
-    affine[:3, : fixed.ndim] = columns / old_spacing * spacing
+    affine[:3, : fixed.ndim] = columns / old_spacing * new_spacing
     return affine, tuple(int(n) for n in new_shape)
 
 
+def _canonical_orientation(fixed: Volume) -> np.ndarray:
+    """``nibabel`` orientation ``(ndim, 2)`` taking the fixed image's axes to the closest RAS
+    order: row ``k`` names the image axis that becomes working-grid axis ``k``."""
+    axes = np.ix_(GRID_AXES[fixed.ndim], GRID_AXES[fixed.ndim])
+    return nib.orientations.io_orientation(fixed.affine[axes])
+
+
 AUTO_SPACING_MM = (1.5, 2.0)
-"""``spacing=auto``: the fixed image's finest voxel size, clipped to this range. On the real-scan
-benchmark at 1 mm (``docs/benchmarks.md``, "Real scans at 1 mm") a 1.5 mm working grid beat ANTs
-SyN on Dice and end-point error in every scenario (2 mm trailed it with T2-like contrast) in
-about half its time; at 2 mm the inputs' own grid is the working grid."""
+"""``spacing=auto``: along each axis the fixed image's voxel size, clipped to this range. On the
+real-scan benchmark at 1 mm (``docs/benchmarks.md``, "Real scans at 1 mm") a 1.5 mm working grid
+beat ANTs SyN on Dice and end-point error in every scenario (2 mm trailed it with T2-like
+contrast) in about half its time; at 2 mm the inputs' own grid is the working grid. Per axis, a
+thick-slice scan's slice axis is worked at 2 mm, not at its in-plane 1.5 mm (1x1x5 mm slices:
+see "Real scans at 1 mm")."""
 
 
-def working_spacing(setting: Any, fixed: Volume) -> float | None:
+def working_spacing(setting: Any, fixed: Volume) -> tuple[float, ...] | float | None:
     """The working grid's spacing (mm) for ``spacing=`` ``setting``: a number, ``None`` (the
-    fixed image's own grid) or ``"auto"`` (:data:`AUTO_SPACING_MM`)."""
+    fixed image's own grid) or ``"auto"`` (:data:`AUTO_SPACING_MM`, one value per working-grid
+    axis in RAS order)."""
     if setting is None:
         return None
     if setting == "auto":
         low, high = AUTO_SPACING_MM
-        return min(max(min(fixed.spacing), low), high)
+        image_spacing = [fixed.spacing[int(axis)] for axis in _canonical_orientation(fixed)[:, 0]]
+        return tuple(min(max(float(s), low), high) for s in image_spacing)
     return float(setting)
 
 
@@ -126,14 +141,15 @@ def on_grid(
     ``"cubic"`` (cubic B-splines, which blur less than linear interpolation where the grids do
     not coincide: a rotated or shifted header, another voxel size; where every grid point falls
     on a voxel centre, linear interpolation is used, as it is exact there). With ``anti_alias``,
-    axes finer than the grid's spacing ``g`` are first smoothed by a Gaussian of FWHM
-    ``sqrt(g^2 - s^2)`` mm (``s`` the axis spacing), so that noise and fine texture do not alias
-    onto the coarser grid."""
+    image axes finer than the grid's spacing ``g`` along them are first smoothed by a Gaussian of
+    FWHM ``sqrt(g^2 - s^2)`` mm (``s`` the axis spacing), so that noise and fine texture do not
+    alias onto the coarser grid (:func:`grid_spacing_along`)."""
     data = volume.data.float()  # smoothed in float32, resampled at float64 positions
     if anti_alias:
-        target = float(np.linalg.norm(affine[:3, : volume.ndim], axis=0).max())
+        targets = grid_spacing_along(affine, volume.affine, volume.ndim)
         sigmas = [
-            math.sqrt(max(target**2 - s**2, 0.0)) / FWHM_PER_SIGMA / s for s in volume.spacing
+            math.sqrt(max(g**2 - s**2, 0.0)) / FWHM_PER_SIGMA / s
+            for g, s in zip(targets, volume.spacing, strict=True)
         ]
         data = gaussian_smooth(data, sigmas)
     axes = np.ix_(GRID_AXES[volume.ndim], GRID_AXES[volume.ndim])
@@ -144,6 +160,17 @@ def on_grid(
     zero = torch.zeros(1, volume.ndim, *shape, dtype=torch.float64)
     mode = "linear" if mode == "cubic" else mode
     return warp_world(data.double(), volume.affine, zero, affine, mode=mode).float()
+
+
+def grid_spacing_along(grid: np.ndarray, image: np.ndarray, ndim: int) -> list[float]:
+    """Spacing (mm) of the grid with affine ``grid`` along each axis of the image with affine
+    ``image``: ``sqrt(sum_k cos^2(a_k) g_k^2)`` over the grid's axes ``k`` (spacing ``g_k``, angle
+    ``a_k`` to the image axis), i.e. ``g_k`` for an image axis along grid axis ``k``."""
+    columns = grid[:3, :ndim]
+    spacing = np.linalg.norm(columns, axis=0)
+    axes = image[:3, :ndim] / np.linalg.norm(image[:3, :ndim], axis=0)
+    cosines = (columns / spacing).T @ axes  # (grid axis, image axis)
+    return [float(v) for v in np.sqrt((cosines**2 * spacing[:, None] ** 2).sum(0))]
 
 
 def scale_intensities(image: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:

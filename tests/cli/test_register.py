@@ -1,5 +1,6 @@
 """``register.py`` end to end on NIfTI files in different orientations and spacings."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -244,14 +245,14 @@ def test_deformable_run_writes_its_affine_stage(pair, tmp_path):
 @pytest.mark.parametrize(
     ("voxel", "expected"),
     [
-        ((1.0, 1.0, 1.0), 1.5),
-        ((1.0, 1.0, 5.0), 1.5),
-        ((1.8, 1.8, 1.8), 1.8),
-        ((2.0,) * 3, 2.0),
-        ((3.0, 3.0, 3.0), 2.0),
+        ((1.0, 1.0, 1.0), (1.5, 1.5, 1.5)),
+        ((1.0, 1.0, 5.0), (1.5, 1.5, 2.0)),
+        ((1.8, 1.8, 1.8), (1.8, 1.8, 1.8)),
+        ((2.0,) * 3, (2.0, 2.0, 2.0)),
+        ((3.0, 0.9, 1.7), (2.0, 1.5, 1.7)),
     ],
 )
-def test_auto_spacing_is_the_finest_voxel_size_within_1_5_to_2_mm(tmp_path, voxel, expected):
+def test_auto_spacing_is_each_axis_voxel_size_within_1_5_to_2_mm(tmp_path, voxel, expected):
     from regnet.cli.register import working_spacing
 
     path = tmp_path / "image.nii.gz"
@@ -261,6 +262,54 @@ def test_auto_spacing_is_the_finest_voxel_size_within_1_5_to_2_mm(tmp_path, voxe
     volume = load_volume(path)
     assert working_spacing("auto", volume) == pytest.approx(expected)
     assert working_spacing(None, volume) is None and working_spacing(3, volume) == 3.0
+    affine, shape = working_grid(volume, working_spacing("auto", volume))
+    np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), expected)
+    extent = [(n - 1) * g for n, g in zip(shape, expected, strict=True)]
+    np.testing.assert_allclose(extent, [5 * v for v in voxel], atol=max(expected) / 2)
+
+
+def test_auto_spacing_follows_the_axes_onto_the_working_grid(tmp_path):
+    """A sagittal thick-slice scan stored with its 5 mm axis first (L-R) and its in-plane axes
+    as S, A: the working grid (RAS order) is 2 mm along R, 1.5 mm along A and S."""
+    from regnet.cli.register import working_spacing
+
+    affine = np.zeros((4, 4))
+    affine[0, 0], affine[2, 1], affine[1, 2], affine[3, 3] = 5.0, 1.0, 1.0, 1.0
+    path = tmp_path / "sagittal.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(8, 30, 20).astype(np.float32), affine), path)
+    volume = load_volume(path)
+    assert working_spacing("auto", volume) == pytest.approx((2.0, 1.5, 1.5))
+    grid_affine, shape = working_grid(volume, working_spacing("auto", volume))
+    assert shape == (19, 14, 20)  # 35 mm / 2, 19 mm / 1.5, 29 mm / 1.5 voxels, rounded, + 1
+
+
+def test_anti_aliasing_smooths_each_image_axis_to_the_grid_spacing_along_it(tmp_path):
+    """Onto a 1.5 x 1.5 x 2 mm grid, a 1 mm image is smoothed by sqrt(1.5^2 - 1) mm FWHM across
+    the first two axes and sqrt(2^2 - 1) mm along the third, also when the grid is rotated by
+    90 degrees about the third axis; a 5 mm axis is not smoothed."""
+    from regnet.cli.register import grid_spacing_along
+
+    grid = np.diag([1.5, 1.5, 2.0, 1.0])
+    assert grid_spacing_along(grid, np.eye(4), 3) == pytest.approx([1.5, 1.5, 2.0])
+    swapped = np.array([[0, 2.0, 0, 0], [1.5, 0, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 1]])
+    assert grid_spacing_along(swapped, np.eye(4), 3) == pytest.approx([2.0, 1.5, 1.5])
+    oblique = np.eye(4)
+    oblique[:2, :2] = np.array([[1.0, -1.0], [1.0, 1.0]]) / np.sqrt(2)
+    expected = np.sqrt((1.5**2 + 2.0**2) / 2)
+    assert grid_spacing_along(swapped, oblique, 3)[:2] == pytest.approx([expected] * 2)
+    # on_grid smooths each image axis by exactly those widths before resampling
+    from regnet.spatial.smooth import gaussian_smooth
+
+    path = tmp_path / "noise.nii.gz"
+    data = np.random.default_rng(0).random((20, 22, 24)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    volume = load_volume(path)
+    for grid_affine, widths in ((grid, [1.5, 1.5, 2.0]), (swapped, [2.0, 1.5, 1.5])):
+        sigmas = [np.sqrt(g**2 - 1.0) / (2 * np.sqrt(2 * np.log(2))) for g in widths]
+        smoothed = dataclasses.replace(volume, data=gaussian_smooth(volume.data.float(), sigmas))
+        expected = on_grid(smoothed, grid_affine, (9, 10, 8))
+        actual = on_grid(volume, grid_affine, (9, 10, 8), anti_alias=True)
+        torch.testing.assert_close(actual, expected)
 
 
 def test_a_spacing_that_is_not_a_size_is_named(pair, tmp_path, capsys):
