@@ -77,7 +77,7 @@ class SampledMIND:
                 if moving_mask is not None:
                     moving_mask = sample(moving_mask, points, padding="zeros")
             self.moving_mask = None if moving_mask is None else moving_mask.detach()
-            self.fixed_descriptors = mind_ssc(fixed, radius, dilation).flatten(2)[0]  # (E, N)
+            fixed_descriptors = mind_ssc(fixed, radius, dilation).flatten(2)[0]  # (E, N)
             self.moving_descriptors = mind_ssc(moving, radius, dilation)  # (1, E, *S)
             reach = radius + 2 * dilation
             foreground = foreground_mask(fixed, 0)
@@ -90,6 +90,8 @@ class SampledMIND:
             weights = weights * uncut_region(foreground, reach).flatten()
         self.lattice = Lattice(weights, shape, stride)
         self.cell = self.lattice.cell
+        # per lattice offset, the fixed descriptors at its voxels (gathered once, not per call)
+        self.fixed_at = [fixed_descriptors[:, index] for index, _, _ in self.lattice.samples]
 
     def __call__(self, field: torch.Tensor) -> torch.Tensor:
         """The similarity for a backward displacement ``u`` followed by the construction's
@@ -100,6 +102,7 @@ class SampledMIND:
         voxels of ``G``, components in tensor axis order; off the level grid it is interpolated
         linearly, as :func:`regnet.spatial.resize_ddf` would resample it.
         """
+        fixed_at = self.fixed_at[self.lattice.position]
         index, coords, weights = self.lattice.next()
         count = index.numel()
         grid = tuple(field.shape[2:])
@@ -111,7 +114,7 @@ class SampledMIND:
             displacement = sample(field, at, padding="border").view(self.ndim, count) / ratio
         points = (coords + displacement).view(1, self.ndim, count, *([1] * (self.ndim - 1)))
         warped = sample(self.moving_descriptors, points, padding="border").flatten(2)[0]
-        squares = (warped - self.fixed_descriptors[:, index]).square().mean(0)
+        squares = (warped - fixed_at).square().mean(0)
         if self.moving_mask is not None:
             moving_weights = sample(self.moving_mask, points.detach(), padding="zeros")
             weights = weights * moving_weights.flatten()
@@ -186,10 +189,15 @@ class Lattice:
             self.samples.append((on_lattice, coords[:, chosen].float(), weights[on_lattice]))
         self.calls = 0
 
+    @property
+    def position(self) -> int:
+        """Index into :attr:`samples` of the offset the next call of :meth:`next` returns."""
+        return self.calls % len(self.samples)
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(flat index (n,), voxel coordinates (ndim, n) in tensor axis order, weights (n,))``
         of the next offset's voxels."""
-        sample = self.samples[self.calls % len(self.samples)]
+        sample = self.samples[self.position]
         self.calls += 1
         return sample
 
