@@ -237,13 +237,30 @@ def test_threaded_3d_sampling_equals_one_batch_item(monkeypatch, mode, padding):
     assert torch.equal(grad, grad_reference)
 
 
-def test_threaded_sampling_leaves_images_that_need_a_gradient_whole(monkeypatch):
+def test_threaded_sampling_splits_an_image_that_needs_a_gradient_only_when_small(monkeypatch):
+    """An image needing a gradient is split only when it holds at most
+    MAX_GRADIENT_ELEMENTS_PER_POINT elements per sampled point; its gradient (the pieces'
+    copies summed) and the points' gradient then equal the unsplit sampling's."""
     warp_module = importlib.import_module("regnet.spatial.warp")  # `warp` is also a function
 
     monkeypatch.setattr(warp_module, "MIN_POINTS_PER_THREAD", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    image = torch.rand(1, 1, 4, 4, 4, requires_grad=True)
-    grid = torch.zeros(1, 4, 4, 4, 3)
-    assert warp_module._cpu_chunks(image, grid) == 1
-    assert warp_module._cpu_chunks(image.detach(), grid) == 2
-    assert warp_module._cpu_chunks(image.detach()[:, :, 0], grid[:, 0]) == 1  # 2D
+    limit = warp_module.MAX_GRADIENT_ELEMENTS_PER_POINT
+    large = torch.rand(1, 3, 8, 8, 8, requires_grad=True)  # 1536 elements
+    grid = torch.zeros(1, 4, 4, 4, 3)  # 64 points
+    assert 1536 > limit * 64 and warp_module._cpu_chunks(large, grid) == 1
+    assert warp_module._cpu_chunks(large.detach(), grid) == 2
+    assert warp_module._cpu_chunks(large.detach()[:, :, 0], grid[:, 0]) == 1  # 2D
+    gen = torch.Generator().manual_seed(5)
+    field = torch.rand(1, 3, 6, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    coords = torch.rand(1, 3, 9, 3, 2, generator=gen, dtype=torch.float64) * 7 - 1
+    coords.requires_grad_()
+    assert warp_module._cpu_chunks(field, coords.permute(0, 2, 3, 4, 1)) == 2
+    out = sample(field, coords)
+    grads = torch.autograd.grad((out * out).sum(), (field, coords))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    reference = sample(field, coords)
+    reference_grads = torch.autograd.grad((reference * reference).sum(), (field, coords))
+    assert torch.equal(out, reference)
+    for grad, expected in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
