@@ -357,3 +357,15 @@ def test_default_iterations_give_fine_grids_more_finest_svf_steps(
     transform, levels, spacing, expected
 ):
     assert _default_iterations(transform, levels, spacing) == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "levels", "expected"),
+    [("affine", 3, (50, 30, 0)), ("rigid", 4, (50, 50, 30, 0)), ("affine", 1, (30,))],
+)
+def test_affine_prestage_runs_half_the_coarse_defaults_and_skips_the_finest_level(
+    kind, levels, expected
+):
+    from regnet.optimize.engine import prestage_iterations
+
+    assert prestage_iterations(kind, levels) == expected

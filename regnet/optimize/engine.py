@@ -581,10 +581,15 @@ def _default_iterations(
 
 
 def prestage_iterations(kind: str, levels: int) -> tuple[int, ...]:
-    """Affine pre-stage of a deformable registration: the defaults without the finest level,
-    the most expensive one, whose detail the deformable stage refines anyway."""
+    """Affine pre-stage of a deformable registration: half the defaults, without the finest
+    level, the most expensive one, whose detail the deformable stage refines anyway (50 / 30 / 0
+    for three levels). On the real-scan benchmark at 2 mm (``docs/benchmarks.md``, "Real
+    scans"), against 100 / 60 / 0 in one run: 0.55x instead of 0.60x SyN's registration time,
+    end-point error -0.004..+0.007 mm and Dice -0.002..+0.001 over the 8 scenarios."""
     steps = _default_iterations(kind, levels)
-    return (*steps[:-1], 0) if levels > 1 else steps
+    if levels == 1:
+        return steps
+    return (*(max(1, count // 2) for count in steps[:-1]), 0)
 
 
 def refine(
