@@ -358,8 +358,9 @@ def registration_metrics(
 
     Keys: ``folding_percent`` (% of fixed-grid voxels with ``det J <= 0``) and ``sdlogj``
     (std of ``log det J``) of the field on ``F`` (``determinant``: its ``det J`` when already
-    computed, float64); with label maps ``dice`` and ``hd95`` (mm)
-    ``{label: value}`` over the label values ``> 0`` present in either map, plus ``dice_mean``
+    computed, float32 or wider; the statistics are taken in float64); with label maps ``dice``
+    and ``hd95`` (mm) ``{label: value}`` over the label values ``> 0`` present in either map,
+    plus ``dice_mean``
     and ``hd95_mean`` (HD95 is ``None`` for a label missing from one map, and left out of the
     mean); with landmarks
     ``tre_mm`` (mean, std, median, max over the ``N`` pairs, mm), where fixed landmarks are
@@ -368,7 +369,7 @@ def registration_metrics(
     metrics: dict[str, Any] = {}
     if determinant is None:
         ddf = world_to_ddf(fixed_field.disp_mm, fixed_field.affine)
-        determinant = jacobian_determinant(ddf.double())
+        determinant = jacobian_determinant(ddf)
     metrics.update({k: float(v) for k, v in determinant_stats(determinant).items()})
     if warped_labels is not None and inputs.fixed_labels is not None:
         fixed_labels = inputs.fixed_labels.data
@@ -422,7 +423,9 @@ def complete_registration(
             moving_labels, inputs.moving_labels.affine, disp.double(), fixed.affine, "nearest"
         )
         warped_labels = warped_labels.round().long().cpu()
-    determinant = jacobian_determinant(world_to_ddf(disp.double(), fixed.affine)).cpu()
+    # float32, the field's own precision: on a 1 mm brain field within 5e-7 of float64, 0.31
+    # instead of 0.92 s on 2 threads
+    determinant = jacobian_determinant(world_to_ddf(disp, fixed.affine)).cpu()
     fixed_field = GridField(disp.cpu(), fixed.affine)
     metrics = registration_metrics(inputs, fixed_field, warped_labels, grid_field, determinant)
     jacobian = determinant[0].float()

@@ -25,6 +25,16 @@ def tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))[None, None].float()
 
 
+def test_otsu_threshold_over_a_range_leaves_the_values_outside_out() -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.zeros(500), 0.2 + 0.1 * torch.rand(300, generator=generator),
+                        0.7 + 0.2 * torch.rand(200, generator=generator)])  # fmt: skip
+    positive = values[values > 0]
+    low, high = float(positive.min()), float(positive.max())
+    assert otsu_threshold(values, low=low, high=high) == otsu_threshold(positive)
+    assert 0.3 < otsu_threshold(positive) < 0.7
+
+
 def test_otsu_threshold_splits_two_populations() -> None:
     values = torch.cat([torch.full((300,), 0.2), torch.full((100,), 0.9)])
     assert 0.2 < otsu_threshold(values) <= 0.9

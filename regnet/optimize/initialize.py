@@ -64,11 +64,15 @@ def centre_of_mass_translation(
     return centre_of_mass(moving, moving_mask) - centre_of_mass(fixed, fixed_mask)
 
 
-def otsu_threshold(values: torch.Tensor, bins: int = 128) -> float:
+def otsu_threshold(
+    values: torch.Tensor, bins: int = 128, low: float | None = None, high: float | None = None
+) -> float:
     """Otsu's threshold of a set of intensities: maximises the between-class variance of a
-    ``bins``-bin histogram over ``[min, max]``."""
+    ``bins``-bin histogram over ``[low, high]`` (default: their minimum and maximum; values
+    outside the range are left out)."""
     values = values.detach().flatten().double()
-    low, high = float(values.min()), float(values.max())
+    low = float(values.min()) if low is None else float(low)
+    high = float(values.max()) if high is None else float(high)
     if high <= low:
         return low
     counts = torch.histc(values, bins=bins, min=low, max=high)
@@ -93,10 +97,13 @@ def foreground_mask(image: torch.Tensor, dilation: int = 2) -> torch.Tensor:
     Half of Otsu's threshold keeps dark tissue inside the head (CSF, skull) in the mask; the
     dilation closes thin dark shells and lets similarity terms see the object's outline."""
     smooth = gaussian_smooth(image.detach().sum(1, keepdim=True).float(), 1.0)
-    positive = smooth[smooth > 0]
-    if positive.numel() == 0:
+    high = float(smooth.max())
+    if high <= 0:
         return torch.zeros_like(smooth)
-    mask = (smooth > 0.5 * otsu_threshold(positive)).float()
+    # Otsu over the voxels > 0 as a histogram from their minimum up, which leaves the others
+    # out without selecting them (selection: 41 of 91 ms on a 1.5 mm brain grid)
+    low = float(torch.where(smooth > 0, smooth, high).min())
+    mask = (smooth > 0.5 * otsu_threshold(smooth, low=low, high=high)).float()
     return dilate(mask, [dilation] * (image.dim() - 2))
 
 
