@@ -34,7 +34,7 @@ def pairs(sources, tmp_path_factory) -> dict[str, realistic.Pair]:
     """The scenarios the tests use, written and read back as the benchmark does."""
     root = tmp_path_factory.mktemp("pairs")
     loaded = {}
-    for scenario in ("stripped", "skull-fixed", "pose", "thick-slices", "partial-fov"):
+    for scenario in ("stripped", "skull-fixed", "pose", "thick-slices", "partial-fov", "combined"):
         realistic.write_pair(
             root / scenario, realistic.build_scenario(sources, scenario, SPACING), {}
         )
@@ -130,6 +130,24 @@ def test_thick_slices_and_partial_field_of_view(pairs):
     for pair in (thick, partial):
         truth = realistic.score(pair, pair.true_disp)
         assert truth["dice"] >= 0.99 and truth["epe_mm"] < 1e-3
+
+
+def test_combined_scenario_applies_every_ingredient_of_each_side(sources, pairs):
+    """``combined``: the fixed side has the head, thick slices and a strong bias field with noise;
+    the moving side is the T2-like template with the pose offset; the truth still scores 1."""
+    combined, thick, pose = pairs["combined"], pairs["thick-slices"], pairs["pose"]
+    assert combined.fixed.shape == thick.fixed.shape
+    np.testing.assert_allclose(combined.fixed.affine, thick.fixed.affine)
+    np.testing.assert_allclose(combined.moving.affine, pose.moving.affine)
+    outside = ~combined.mask
+    assert combined.fixed.data[0, 0][outside].max() > 0.5 * sources.template.white  # the head
+    inside = combined.mask
+    ratio = combined.fixed.data[0, 0][inside] / thick.fixed.data[0, 0][inside].clamp_min(1e-3)
+    assert float(ratio.std()) > 0.1  # the bias field and stronger noise
+    moving_ratio = combined.moving.data / pose.moving.data.clamp_min(1e-3)
+    assert float(moving_ratio[pose.moving.data > 0].std()) > 0.1  # another contrast
+    truth = realistic.score(combined, combined.true_disp)
+    assert truth["dice"] >= 0.99 and truth["epe_mm"] < 1e-3
 
 
 def test_time_ratios_are_medians_against_ants_syn():

