@@ -406,7 +406,7 @@ def register(
         )
         rate = lr if not deformable else affine_lr
         rate = DEFAULT_LR[kind] if rate is None else rate
-        if deformable and affine_sampling and _pooled(affine_loss or loss):
+        if affine_sampling and _pooled(affine_loss or loss):
             _use_sampled_pooled(pyramid, affine_steps)
         for level in pyramid:
             record = LevelHistory(kind, level.index, level.shape)
