@@ -54,12 +54,11 @@ def test_stride_two_cycles_through_every_voxel_and_ranks_alignments_as_every_vox
         assert values[0] < values[1] < values[2]
 
 
-def test_the_affine_pre_stage_on_lattice_voxels_recovers_a_rotation_across_contrasts(
-    monkeypatch,
-):
+def test_affine_stages_on_lattice_voxels_recover_a_rotation_across_contrasts(monkeypatch):
     """A 3D head phantom against its inverted-contrast copy turned by 10 degrees and shifted
     2 voxels: the MI pre-stage of an SVF registration, evaluated on lattice voxels on its
-    finer level, finds the matrix (the deformable stage skipped)."""
+    finer level, finds the matrix (the deformable stage skipped), and so does an affine
+    registration on its own."""
     labels = brain_labels((32, 32, 32))
     fixed = torch.from_numpy(render(labels))[None, None]
     inverted = torch.from_numpy(render(labels, inverted=True, seed=1))[None, None]
@@ -87,6 +86,21 @@ def test_the_affine_pre_stage_on_lattice_voxels_recovers_a_rotation_across_contr
     points = identity_grid(shape)
     error = (apply_affine(result.matrix, points) - apply_affine(truth, points)).norm(dim=1)
     inside = torch.from_numpy(labels > 0)[None]
+    assert float(error[inside].mean()) < 0.35
+    # an affine transform on its own samples its stage the same way, its finest level included
+    calls.clear()
+    result = register(
+        fixed,
+        moving,
+        transform="affine",
+        loss="mi",
+        levels=2,
+        iterations=(100, 60),
+        init="search",
+        affine_sampling=True,
+    )
+    assert len(calls) == 60
+    error = (apply_affine(result.matrix, points) - apply_affine(truth, points)).norm(dim=1)
     assert float(error[inside].mean()) < 0.35
 
 

@@ -251,10 +251,11 @@ def register(
             level with the dense terms, at half the learning rate, after the sampled ones (they
             help on strongly sheared fields; on real scans they raised the end-point error,
             which is why ``register.py`` runs none by default).
-        affine_sampling: the affine pre-stage of a deformable transform evaluates a pooled
-            similarity (:data:`regnet.optimize.sampled.POOLED_TERMS`, e.g. ``mi``) on a
-            stride-2 lattice of voxels (:class:`regnet.optimize.sampled.SampledPooled`) on the
-            levels large enough (:data:`MIN_LATTICE_SAMPLES`).
+        affine_sampling: the affine stage (a ``rigid``/``affine`` transform's own, or a
+            deformable transform's pre-stage) evaluates a pooled similarity
+            (:data:`regnet.optimize.sampled.POOLED_TERMS`, e.g. ``mi``) on a stride-2 lattice
+            of voxels (:class:`regnet.optimize.sampled.SampledPooled`) on the levels large
+            enough (:data:`MIN_LATTICE_SAMPLES`).
         device: where to compute (default: ``fixed``'s device).
 
     Returns:
