@@ -101,6 +101,27 @@ def test_register_recovers_a_world_translation(pair, tmp_path):
     np.testing.assert_allclose(parameters[9:], flip @ world[:3, 3], atol=1e-9)
 
 
+def test_a_thick_slice_scan_is_registered_on_a_per_axis_working_grid(tmp_path):
+    """A 1.25 x 1.25 x 4 mm fixed scan (axes stored as L, P, S) against a 1 mm moving one:
+    spacing=auto works at 1.5 x 1.5 x 2 mm and recovers the world translation."""
+    fixed_affine = np.array(
+        [[-1.25, 0, 0, 18.0], [0, -1.25, 0, 20.0], [0, 0, 4.0, -14.0], [0, 0, 0, 1]]
+    )
+    fixed = write_image(tmp_path / "fixed.nii.gz", fixed_affine, (30, 32, 8))
+    moving_affine = np.array(
+        [[1.0, 0, 0, -26.0], [0, 1.0, 0, -28.0], [0, 0, 1.0, -22.0], [0, 0, 0, 1]]
+    )
+    moving = write_image(tmp_path / "moving.nii.gz", moving_affine, (52, 56, 44), SHIFT_MM)
+    out = tmp_path / "out"
+    main([f"fixed={fixed}", f"moving={moving}", "transform=rigid", f"out={out}", "device=cpu"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    grid = np.array(metrics["info"]["working_grid"]["affine"])
+    np.testing.assert_allclose(np.linalg.norm(grid[:3, :3], axis=0), [1.5, 1.5, 2.0])
+    assert metrics["info"]["working_grid"]["shape"] == [25, 27, 15]
+    world = np.array(metrics["info"]["affine_ras_mm"])
+    np.testing.assert_allclose(world[:3, 3], SHIFT_MM, atol=0.5)
+
+
 def test_existing_output_is_refused(pair, tmp_path, capsys):
     fixed, moving, _ = pair
     out = tmp_path / "taken"
