@@ -158,8 +158,8 @@ def affine_start(
     :func:`regnet.optimize.register` runs ``transform=affine`` there with the start search,
     similarity, overlap region and iterations of ``configs/register.yaml``'s affine stage
     (``affine_model``, ``affine_loss``, ``init``, ``search_iterations``, ``overlap_margin``,
-    ``levels``; the finest level skipped, as there); the result is composed with the headers'
-    matrix."""
+    ``affine_sampling``, ``levels``; the finest level skipped, as there); the result is composed
+    with the headers' matrix."""
     settings = compose_config("register", [])
     header = header_matrix(item).to(device)
     shape = tuple(fixed.shape[2:])
@@ -174,6 +174,7 @@ def affine_start(
         init=str(settings.init),
         search_iterations=int(settings.search_iterations),
         overlap_margin=float(settings.overlap_margin),
+        affine_sampling=bool(settings.affine_sampling),
         spacing=[float(s) for s in spacing],
         device=device,
     )

@@ -163,9 +163,10 @@ def on_grid(
 
 
 def grid_spacing_along(grid: np.ndarray, image: np.ndarray, ndim: int) -> list[float]:
-    """Spacing (mm) of the grid with affine ``grid`` along each axis of the image with affine
-    ``image``: ``sqrt(sum_k cos^2(a_k) g_k^2)`` over the grid's axes ``k`` (spacing ``g_k``, angle
-    ``a_k`` to the image axis), i.e. ``g_k`` for an image axis along grid axis ``k``."""
+    """Spacing (mm) of the grid with voxel -> RAS affine ``grid`` along each axis of the image
+    with affine ``image``, in the image's stored axis order: ``sqrt(sum_k cos^2(a_k) g_k^2)``
+    over the grid's axes ``k`` (spacing ``g_k``, angle ``a_k`` to the image axis), i.e. ``g_k``
+    for an image axis along grid axis ``k``."""
     columns = grid[:3, :ndim]
     spacing = np.linalg.norm(columns, axis=0)
     axes = image[:3, :ndim] / np.linalg.norm(image[:3, :ndim], axis=0)

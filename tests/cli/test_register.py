@@ -304,6 +304,26 @@ def test_auto_spacing_follows_the_axes_onto_the_working_grid(tmp_path):
     assert shape == (19, 14, 20)  # 35 mm / 2, 19 mm / 1.5, 29 mm / 1.5 voxels, rounded, + 1
 
 
+def test_auto_spacing_and_grid_spacing_along_image_axes_in_2d(tmp_path):
+    """2D: a 1 x 5 mm image stored with its axes swapped (first axis A-P at 5 mm, second axis
+    R-L at 1 mm) gets a 1.5 x 2 mm working grid in RAS order (R, A), and the grid's spacing
+    along each stored image axis is 2 mm along the first, 1.5 mm along the second."""
+    from regnet.cli.register import grid_spacing_along, working_spacing
+
+    affine = np.zeros((4, 4))
+    affine[1, 0], affine[0, 1], affine[2, 2], affine[3, 3] = 5.0, 1.0, 1.0, 1.0
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(9, 30).astype(np.float32), affine), path)
+    volume = load_volume(path)
+    assert volume.ndim == 2
+    spacing = working_spacing("auto", volume)
+    assert spacing == pytest.approx((1.5, 2.0))
+    grid_affine, shape = working_grid(volume, spacing)
+    assert shape == (20, 21)  # round(29 mm / 1.5) + 1, 40 mm / 2 + 1
+    np.testing.assert_allclose(np.linalg.norm(grid_affine[:3, :2], axis=0), [1.5, 2.0])
+    assert grid_spacing_along(grid_affine, volume.affine, 2) == pytest.approx([2.0, 1.5])
+
+
 def test_anti_aliasing_smooths_each_image_axis_to_the_grid_spacing_along_it(tmp_path):
     """Onto a 1.5 x 1.5 x 2 mm grid, a 1 mm image is smoothed by sqrt(1.5^2 - 1) mm FWHM across
     the first two axes and sqrt(2^2 - 1) mm along the third, also when the grid is rotated by
