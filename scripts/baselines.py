@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from regnet.cli.common import compose_config
+from regnet.cli.register import engine_settings
 from regnet.data.layouts import Learn2RegDataset
 from regnet.metrics import dice_per_label, hd95, jacobian_stats
 from regnet.optimize import refine
@@ -134,20 +135,11 @@ def register_regnet(
     shape = tuple(fixed.shape[2:])
     grid = shape if working_spacing is None else working_shape(shape, spacing, working_spacing)
     grid_spacing = [s * (n - 1) / (m - 1) for s, n, m in zip(spacing, shape, grid, strict=True)]
-    defaults = compose_config("register", [])
-    result = regnet_register(
-        downsample(fixed, grid),
-        downsample(moving, grid),
-        transform=transform,
-        loss=str(defaults.loss),
-        init=str(defaults.init),
-        affine_loss=str(defaults.affine_loss),
-        overlap_margin=float(defaults.overlap_margin),
-        search_iterations=int(defaults.search_iterations),
-        integration_steps=int(defaults.integration_steps),
-        spacing=grid_spacing,
-        iterations=iterations,
-    )
+    config = compose_config("register", [f"transform={transform}"])
+    settings = engine_settings(config, grid_spacing, spacing)
+    if iterations is not None:
+        settings["iterations"] = iterations
+    result = regnet_register(downsample(fixed, grid), downsample(moving, grid), **settings)
     ddf = resize_ddf(result.ddf, shape)
     seconds = time.perf_counter() - start
     warped = warp_labels(item["moving_label"][None], ddf, method="nearest")

@@ -38,6 +38,10 @@ def test_zero_field_equals_the_dense_term(shape):
     # Without a mask: the dilated foreground, normalised by every voxel of the grid.
     unmasked = SampledMIND(fixed, moving, None, None, stride=1)
     torch.testing.assert_close(unmasked(zero), dense_mind(fixed, moving))
+    # Image smoothing before the descriptors: as the dense term's of the smoothed images.
+    smoothed = SampledMIND(fixed, moving, mask, None, stride=1, sigma=0.4)
+    expected = dense_mind(gaussian_smooth(fixed, 0.4), gaussian_smooth(moving, 0.4), mask)
+    torch.testing.assert_close(smoothed(zero), expected)
 
 
 @pytest.mark.parametrize("shape", [(40, 36), (28, 24, 26)])

@@ -30,7 +30,7 @@ box-summed (:func:`regnet.losses.lncc.box_sum`), and the 12 edges are cropped fr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,10 @@ import torch.nn.functional as F
 from regnet.losses.image import IMAGE_KEYS
 from regnet.losses.lncc import _box_sum_padded, _padded_buffer
 from regnet.losses.term import LossTerm, image_pair
+from regnet.spatial.smooth import gaussian_smooth
 
+Sigma = float | Sequence[float]
+"""Gaussian sigma in voxels: one for all spatial axes or one per axis."""
 VARIANCE_CLAMP = (1e-3, 1e3)
 """Bounds on the local variance ``V`` relative to its image mean (Heinrich's reference code)."""
 VARIANCE_FLOOR = 1e-12
@@ -289,13 +292,18 @@ def _padded(image: torch.Tensor, radius: int, dilation: int) -> torch.Tensor:
     return F.pad(x, [radius + 2 * dilation] * (2 * (image.dim() - 2)), mode="replicate")
 
 
-def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+def mind_ssc(
+    image: torch.Tensor, radius: int = 1, dilation: int = 2, sigma: Sigma = 0.0
+) -> torch.Tensor:
     """MIND-SSC descriptors (module docstring) of ``image (B, C, *S)``, 2D or 3D.
 
     Args:
         image: ``(B, C, *S)``; every spatial size at least ``2 * dilation + 1``.
         radius: patch radius in voxels (box of ``2 radius + 1`` voxels per axis).
         dilation: distance in voxels of the pattern's neighbours from the centre voxel.
+        sigma: Gaussian smoothing of ``image`` before the patch distances, in voxels, one
+            for all axes or one per spatial axis (:func:`regnet.spatial.smooth.gaussian_smooth`;
+            0: none).
 
     Returns:
         ``(B, C * E, *S)`` descriptors in ``(0, 1]``, ``E = 12`` edges in 3D and 4 in 2D, the
@@ -304,8 +312,21 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     """
     _check(image, radius, dilation)
     shape = list(image.shape[2:])
+    image = _smoothed(image, sigma)
     descriptors = _MINDSSC.apply(_padded(image, radius, dilation), shape, radius, dilation)
     return descriptors.reshape(image.shape[0], -1, *shape)
+
+
+def _smoothed(image: torch.Tensor, sigma: Sigma) -> torch.Tensor:
+    """``image`` smoothed by :func:`regnet.spatial.smooth.gaussian_smooth` (float), or itself
+    when every sigma is 0."""
+    if max(_sigmas(sigma)) <= 0:
+        return image
+    return gaussian_smooth(image.to(torch.promote_types(image.dtype, torch.float32)), sigma)
+
+
+def _sigmas(sigma: Sigma) -> tuple[float, ...]:
+    return tuple(float(s) for s in sigma) if isinstance(sigma, Sequence) else (float(sigma),)
 
 
 class MIND(LossTerm):
@@ -319,28 +340,33 @@ class MIND(LossTerm):
 
     requires = IMAGE_KEYS
 
-    def __init__(self, radius: int = 1, dilation: int = 2) -> None:
+    def __init__(self, radius: int = 1, dilation: int = 2, sigma: Sigma = 0.0) -> None:
         super().__init__()
         if radius < 0 or dilation < 1:
             raise ValueError(f"mind needs radius >= 0 and dilation >= 1, got {radius}, {dilation}")
+        if min(_sigmas(sigma)) < 0:
+            raise ValueError(f"mind needs sigma >= 0, got {sigma}")
         self.radius = radius
         self.dilation = dilation
-        self._cache: tuple[torch.Tensor, tuple[int, int, int], torch.Tensor] | None = None
+        self.sigma = sigma if not isinstance(sigma, Sequence) else _sigmas(sigma)
+        self._cache: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
 
     def _fixed_descriptors(self, fixed: torch.Tensor) -> torch.Tensor:
         """``mind_ssc(fixed)``, from the cache when ``fixed`` is the cached, unchanged tensor."""
         if fixed.requires_grad or fixed.is_inference() or torch.is_inference_mode_enabled():
-            return mind_ssc(fixed, self.radius, self.dilation)
-        key = (fixed._version, self.radius, self.dilation)
+            return mind_ssc(fixed, self.radius, self.dilation, self.sigma)
+        key = (fixed._version, self.radius, self.dilation, self.sigma)
         if self._cache is None or self._cache[0] is not fixed or self._cache[1] != key:
             with torch.no_grad():
-                self._cache = (fixed, key, mind_ssc(fixed, self.radius, self.dilation))
+                descriptors = mind_ssc(fixed, self.radius, self.dilation, self.sigma)
+                self._cache = (fixed, key, descriptors)
         return self._cache[2]
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         fixed, warped, mask = image_pair(inputs)
         _check(warped, self.radius, self.dilation)
         batch, channels, *shape = warped.shape
+        warped = _smoothed(warped, self.sigma)
         padded = _padded(warped, self.radius, self.dilation)
         edges = len(_ssc_edges(len(shape))[1])
         fixed_descriptors = self._fixed_descriptors(fixed).reshape(batch * channels, edges, *shape)

@@ -22,29 +22,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 
+from regnet.cli.common import compose_config
+from regnet.cli.register import engine_settings as register_settings
 from regnet.data.synth_brain import SynthBrainPairs
 from regnet.module import pair_metrics
 from regnet.optimize import register
 
 SHAPE = (96, 112, 96)
-ENGINE_DEFAULTS = (
-    "transform", "loss", "init", "search_iterations", "affine_loss", "overlap_margin",
-    "smoothing", "integration_steps", "exact_svf_gradient", "mind_sampling", "polish_iterations",
-    "affine_sampling",
-)  # fmt: skip
-"""``configs/register.yaml`` keys passed to :func:`register` as they are."""
+SPACING = (2.0, 2.0, 2.0)
+"""mm per axis of the pairs' grid, which is also the working grid."""
 
 
 def engine_settings(overrides: Sequence[str]) -> dict:
-    """``register.py``'s engine defaults with ``key=value`` overrides (YAML values)."""
-    config = yaml.safe_load((Path(__file__).parents[2] / "configs/register.yaml").read_text())
-    settings = {key: config[key] for key in ENGINE_DEFAULTS}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        settings[key] = yaml.safe_load(value)
-    return settings
+    """``register.py``'s engine settings (:func:`regnet.cli.register.engine_settings`) with
+    ``key=value`` overrides of ``configs/register.yaml``."""
+    return register_settings(compose_config("register", list(overrides)), SPACING)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -75,9 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cells = []
         for label, overrides in variants.items():
             start = time.perf_counter()
-            result = register(
-                batch["fixed"], batch["moving"], spacing=[2.0] * 3, **engine_settings(overrides)
-            )
+            result = register(batch["fixed"], batch["moving"], **engine_settings(overrides))
             seconds = time.perf_counter() - start
             dice = pair_metrics(batch, result.ddf)["dice"]
             totals[label][0] += dice / args.pairs

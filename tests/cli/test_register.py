@@ -353,12 +353,51 @@ def test_anti_aliasing_smooths_each_image_axis_to_the_grid_spacing_along_it(tmp_
         torch.testing.assert_close(actual, expected)
 
 
-def test_a_spacing_that_is_not_a_size_is_named(pair, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("spacing=fine", "error: spacing=fine: must be auto, null or a"),
+        ("mind_sigma=-1", "error: mind_sigma=-1: must be auto or a number >= 0"),
+    ],
+)
+def test_a_setting_out_of_range_is_named(pair, tmp_path, capsys, setting, message):
     fixed, moving, _ = pair
     with pytest.raises(SystemExit):
-        main([f"fixed={fixed}", f"moving={moving}", "spacing=fine", f"out={tmp_path / 'o'}"])
-    assert capsys.readouterr().err.startswith("error: spacing=fine: must be auto, null or a")
+        main([f"fixed={fixed}", f"moving={moving}", setting, f"out={tmp_path / 'o'}"])
+    assert capsys.readouterr().err.startswith(message)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("grid", "image", "expected"),
+    [
+        ((2.0, 2.0, 2.0), (2.0, 2.0, 2.0), (0.3, 0.3, 0.3)),  # the scan's own grid: no blur yet
+        ((2.0, 2.0, 2.0), (2.0, 2.0, 5.0), (0.3, 0.3, 0.3)),  # thick slices are upsampled
+        ((1.5, 1.5, 1.5), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)),  # anti-aliasing: 0.316 voxels
+        ((2.0, 2.0), (1.8, 2.0), (0.2361, 0.3)),  # 0.3 less 0.1851 voxels, in quadrature
+    ],
+)
+def test_mind_sigma_auto_tops_the_anti_aliasing_up_to_the_target_blur(grid, image, expected):
+    from regnet.cli.register import MIND_BLUR, mind_sigma
+
+    assert MIND_BLUR == 0.3
+    assert mind_sigma("auto", grid, image) == pytest.approx(expected, abs=1e-4)
+    assert mind_sigma(0.5, grid, image) == (0.5,) * len(grid)
+
+
+def test_register_py_smooths_before_mind_on_the_scans_own_grid(pair, tmp_path):
+    """On the fixed image's own grid ``mind_sigma=auto`` smooths by 0.3 voxels; metrics.json
+    records the ``mind`` term's options; ``mind_sigma=0`` leaves them out."""
+    fixed, moving, _ = pair
+    quick = ["iterations=[2,2,1]", "affine_iterations=[1,1,0]", "search_iterations=1"]
+    args = [f"fixed={fixed}", f"moving={moving}", "spacing=null", "device=cpu", *quick]
+    main([*args, f"out={tmp_path / 'auto'}", "overview=false"])
+    info = json.loads((tmp_path / "auto" / "metrics.json").read_text())["info"]
+    assert info["loss_options"] == {"mind": {"sigma": [0.3, 0.3, 0.3]}}
+    main([*args, "mind_sigma=0", f"out={tmp_path / 'none'}", "overview=false"])
+    assert (
+        json.loads((tmp_path / "none" / "metrics.json").read_text())["info"]["loss_options"] is None
+    )
 
 
 def test_the_command_line_ends_with_every_output_written_and_its_summary_printed(pair, tmp_path):

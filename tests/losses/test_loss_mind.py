@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from regnet.losses import MIND, MSE, build_loss, mind_ssc
 from regnet.losses.mind import _ssc_edges
+from regnet.spatial.smooth import gaussian_smooth
 
 EDGES = {2: 4, 3: 12}
 
@@ -385,3 +386,23 @@ def test_bad_term_arguments():
         MIND()({"fixed": small, "warped": small})
     with pytest.raises(ValueError, match="same shape"):
         MIND()({"fixed": torch.rand(1, 1, 8, 8), "warped": torch.rand(1, 1, 8, 9)})
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 9, 8), (1, 2, 7, 8, 6)])
+def test_sigma_takes_the_descriptors_of_the_smoothed_image(shape):
+    image = _random(shape, seed=11)
+    smoothed = gaussian_smooth(image, 0.6)
+    torch.testing.assert_close(mind_ssc(image, sigma=0.6), mind_ssc(smoothed))
+    assert not torch.allclose(mind_ssc(image, sigma=0.6), mind_ssc(image))
+    torch.testing.assert_close(mind_ssc(image, sigma=0.0), mind_ssc(image))
+
+
+def test_gradcheck_loss_with_sigma():
+    fixed = _random((1, 1, 8, 9), seed=12)
+    warped = _random((1, 1, 8, 9), seed=13).requires_grad_()
+    term = MIND(sigma=0.5)
+    assert torch.autograd.gradcheck(lambda w: term({"fixed": fixed, "warped": w}), (warped,))
+    plain = MIND()({"fixed": gaussian_smooth(fixed, 0.5), "warped": gaussian_smooth(warped, 0.5)})
+    torch.testing.assert_close(term({"fixed": fixed, "warped": warped}), plain)
+    with pytest.raises(ValueError, match="mind needs sigma >= 0, got -0.1"):
+        MIND(sigma=-0.1)
