@@ -11,7 +11,9 @@ every result is a field on the fixed network grid like a network's) by:
 - regnet's per-pair optimisation, ``regnet-<transform>``: :func:`regnet.optimize.register` with
   the defaults of ``register.py``, including its working grid (``--regnet-spacing`` mm, 2 by
   default; the field is upsampled to the data grid); ``regnet-<transform>:100-60-30`` sets the
-  iterations per level, coarse to fine, so that settings can be compared in one run;
+  iterations per level, coarse to fine, and ``regnet-<transform>:LABEL`` the ``register.yaml``
+  overrides of ``--variant LABEL=KEY=VALUE[ KEY=VALUE]``, so that settings can be compared in
+  one run;
 - with ``--checkpoint``, a trained network: ``regnet-net`` (one forward pass on the CPU) and
   ``regnet-net+refine`` (then :func:`regnet.optimize.refine` with its defaults, a diffeomorphic
   update on 2 levels, ``--refine-steps`` per level, as ``predict.py refine.steps=N`` does) and
@@ -112,9 +114,18 @@ def working_shape(shape, spacing, working_spacing) -> tuple[int, ...]:
 
 
 def split_iterations(method: str) -> tuple[str, tuple[int, ...] | None]:
-    """``"regnet-svf:100-60-30"`` -> ``("regnet-svf", (100, 60, 30))``; no suffix -> ``None``."""
+    """``"regnet-svf:100-60-30"`` -> ``("regnet-svf", (100, 60, 30))``; no suffix, or a
+    ``--variant`` label as suffix -> ``None``."""
     name, _, suffix = method.partition(":")
-    return name, tuple(int(n) for n in suffix.split("-")) if suffix else None
+    if not suffix or not suffix.replace("-", "").isdigit():
+        return name, None
+    return name, tuple(int(n) for n in suffix.split("-"))
+
+
+def variant_overrides(method: str, variants: dict[str, list[str]]) -> list[str]:
+    """``configs/register.yaml`` overrides of ``"regnet-svf:LABEL"`` (``--variant``)."""
+    suffix = method.partition(":")[2]
+    return variants.get(suffix, [])
 
 
 def register_regnet(
@@ -123,10 +134,11 @@ def register_regnet(
     spacing: tuple[float, ...],
     working_spacing: float | None,
     iterations: tuple[int, ...] | None = None,
+    overrides: list[str] | None = None,
 ):
-    """regnet's classical optimisation (the engine settings of ``configs/register.yaml``, or
-    ``iterations`` per level) on the same pair; returns ``(warped_moving_label, ddf_voxels,
-    seconds)`` like :func:`register`.
+    """regnet's classical optimisation (the engine settings of ``configs/register.yaml`` with
+    ``overrides``, ``iterations`` per level if given) on the same pair; returns
+    ``(warped_moving_label, ddf_voxels, seconds)`` like :func:`register`.
 
     As ``register.py`` does, it runs on a grid of ``working_spacing`` mm covering the pair's
     extent (``None``: the pair's own grid) and the field is upsampled to the pair's grid."""
@@ -135,7 +147,7 @@ def register_regnet(
     shape = tuple(fixed.shape[2:])
     grid = shape if working_spacing is None else working_shape(shape, spacing, working_spacing)
     grid_spacing = [s * (n - 1) / (m - 1) for s, n, m in zip(spacing, shape, grid, strict=True)]
-    config = compose_config("register", [f"transform={transform}"])
+    config = compose_config("register", [f"transform={transform}", *(overrides or [])])
     settings = engine_settings(config, grid_spacing, spacing)
     if iterations is not None:
         settings["iterations"] = iterations
@@ -208,6 +220,13 @@ def main(argv: list[str] | None = None) -> None:
         help="working grid (mm) of regnet-<transform> methods, as register.py spacing=; none "
         "keeps the data grid",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="LABEL=KEY=VALUE[ KEY=VALUE]: method regnet-<transform>:LABEL runs with these "
+        "configs/register.yaml overrides (repeatable)",
+    )
     parser.add_argument("--csv", type=Path, default=None, help="per-pair results")
     parser.add_argument("--threads", type=int, default=None, help="ITK and torch threads")
     parser.add_argument(
@@ -217,9 +236,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    variants = {}
+    for text in args.variant:
+        label, _, overrides = text.partition("=")
+        variants[label] = overrides.split()
     valid = {"none", *ANTS_TRANSFORMS, *REGNET_TRANSFORMS, *NETWORK_METHODS}
     unknown = {m for m in methods if split_iterations(m)[0] not in valid}
     unknown |= {m for m in methods if ":" in m and split_iterations(m)[0] not in REGNET_TRANSFORMS}
+    unknown |= {
+        m
+        for m in methods
+        if ":" in m and not split_iterations(m)[1] and not variant_overrides(m, variants)
+    }
     if unknown:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(valid)}")
     network = None
@@ -258,7 +286,12 @@ def main(argv: list[str] | None = None) -> None:
             elif split_iterations(method)[0] in REGNET_TRANSFORMS:
                 name, iterations = split_iterations(method)
                 warped, ddf, seconds = register_regnet(
-                    REGNET_TRANSFORMS[name], item, spacing, working_spacing, iterations
+                    REGNET_TRANSFORMS[name],
+                    item,
+                    spacing,
+                    working_spacing,
+                    iterations,
+                    variant_overrides(method, variants),
                 )
             elif method in NETWORK_METHODS:
                 warped, ddf, seconds = register_network(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -167,13 +168,39 @@ def test_baselines_working_grid_recovers_translation_on_the_data_grid():
     assert warped.shape == shape and seconds > 0
 
 
-def test_baselines_method_names_carry_optional_iterations():
+def test_baselines_method_names_carry_optional_iterations_or_a_variant():
     import baselines
 
     assert baselines.split_iterations("regnet-svf:100-60-30") == ("regnet-svf", (100, 60, 30))
     assert baselines.split_iterations("syn") == ("syn", None)
+    assert baselines.split_iterations("regnet-svf:dense") == ("regnet-svf", None)
+    variants = {"dense": ["mind_sampling=false", "polish_iterations=0"]}
+    assert baselines.variant_overrides("regnet-svf:dense", variants) == variants["dense"]
+    assert baselines.variant_overrides("regnet-svf", variants) == []
     with pytest.raises(SystemExit):
         baselines.main(["--methods", "syn:10-10", "--data", "nowhere"])
+    with pytest.raises(SystemExit):  # a label that no --variant defines
+        baselines.main(["--methods", "regnet-svf:other", "--data", "nowhere"])
+
+
+def test_baselines_variant_overrides_reach_the_engine(monkeypatch):
+    """A ``--variant`` override changes what :func:`register_regnet` hands the engine; without
+    one it hands what register.py would (``engine_settings`` of the composed config)."""
+    import baselines
+
+    seen = []
+
+    def fake_register(fixed, moving, **settings):
+        seen.append(settings)
+        return types.SimpleNamespace(ddf=torch.zeros(1, 3, *fixed.shape[2:]))
+
+    monkeypatch.setattr(baselines, "regnet_register", fake_register)
+    image = torch.rand(1, 12, 12, 12)
+    item = {"fixed": image, "moving": image, "moving_label": torch.ones(1, 12, 12, 12).long()}
+    baselines.register_regnet("svf", item, (2.0,) * 3, None)
+    baselines.register_regnet("svf", item, (2.0,) * 3, None, None, ["mind_sampling=false"])
+    assert seen[0]["mind_sampling"] is True and seen[1]["mind_sampling"] is False
+    assert seen[0]["loss_options"] == {"mind": {"sigma": (0.3, 0.3, 0.3)}}
 
 
 def test_cohort_benchmark_writes_a_readable_pair_list(tmp_path):
