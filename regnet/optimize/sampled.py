@@ -12,8 +12,8 @@ steps, a 20-30 degree pose offset on the real-scan benchmark ended at 1.05 mm EP
 *warped* (trilinear, border padding) and the squared descriptor difference is evaluated only at
 the fixed voxels where the similarity has weight: the mask's voxels, or without a mask the fixed
 foreground (:func:`regnet.optimize.initialize.foreground_mask`) dilated by the descriptor's
-reach, outside which both images are background and the dense term is zero; voxels within that
-reach of a grid face that cuts the object carry no weight (:func:`uncut_region`). With
+reach, outside which both images are background and the dense term is zero; voxels whose
+descriptor reads past a grid face that cuts the object carry no weight (:func:`uncut_region`). With
 ``stride`` > 1 the voxels are taken on a lattice of that stride whose offset cycles through all
 ``stride ** ndim`` offsets from one evaluation to the next, so every voxel is used within a cycle.
 
@@ -89,7 +89,7 @@ class SampledMIND:
             else:
                 weights = fixed_mask.detach().float().flatten()
                 self.normaliser = None  # the sampled weights' own total
-            weights = weights * uncut_region(foreground, reach).flatten()
+            weights = weights * uncut_region(foreground, radius + dilation).flatten()
         self.lattice = Lattice(weights, shape, stride)
         self.cell = self.lattice.cell
         # per lattice offset, the fixed descriptors at its voxels (gathered once, not per call)
@@ -141,13 +141,14 @@ def uncut_region(foreground: torch.Tensor, margin: int) -> torch.Tensor:
     """``(*S)`` float of a foreground mask ``(1, 1, *S)``: 0 within ``margin`` voxels of every
     grid face that cuts the object (:data:`CUT_FACE_FRACTION` of the face is foreground), else 1.
 
-    A fixed voxel's MIND-SSC descriptor reads a patch reaching ``radius + 2 * dilation`` voxels;
-    within that reach of a face part of the patch is border padding. Over air (a head with
-    margins) the padding is what lies beyond, but where the field of view cuts the object (a
-    partial field of view, a slab, the neck) those descriptors show an edge the moving image does
-    not have there, and matching them pulls the field: on the 1 mm partial-field-of-view scan of
-    ``docs/benchmarks.md`` ("Real scans") the 10 mm below the cut scored Dice 0.812 against ANTs
-    SyN's 0.832 while the rest scored 0.961 against 0.944."""
+    A fixed voxel's MIND-SSC descriptor reads the patches (radius ``radius``) about its pattern's
+    neighbours (``dilation`` voxels away along each axis), so at most ``radius + dilation``
+    voxels along any axis; within that of a face part of what it reads is border padding. Over
+    air (a head with margins) the padding is what lies beyond, but where the field of view cuts
+    the object (a partial field of view, a slab, the neck) those descriptors show an edge the
+    moving image does not have there, and matching them pulls the field: on the 1 mm
+    partial-field-of-view scan of ``docs/benchmarks.md`` ("Real scans") the 10 mm below the cut
+    scored Dice 0.812 against ANTs SyN's 0.832 while the rest scored 0.961 against 0.944."""
     mask = foreground[0, 0]
     keep = torch.ones_like(mask)
     for axis, n in enumerate(mask.shape):
