@@ -216,8 +216,9 @@ def test_only_faces_that_cut_the_object_lose_their_band(shape):
 
 @pytest.mark.parametrize("shape", [(30, 26), (22, 20, 24)])
 def test_a_cut_changes_the_descriptors_only_within_radius_plus_dilation_of_the_face(shape):
-    """The band of :func:`uncut_region` is the descriptor's footprint: cropping an image at a
-    face changes the descriptors of the voxels within ``radius + dilation`` of it, no others."""
+    """The descriptor's footprint, inside the band of :func:`uncut_region`: cropping an image
+    at a face changes the descriptors of the voxels within ``radius + dilation`` of it, no
+    others."""
     from regnet.losses.mind import mind_ssc
 
     image = head(shape, 3)[(..., *(slice(6, -6),) * len(shape))]  # texture everywhere
@@ -238,6 +239,6 @@ def test_a_cut_face_band_carries_no_similarity_weight():
     lattice = SampledMIND(fixed, head(shape, 1), None, None, stride=1).lattice
     index = lattice.samples[0][0]
     depth = index % shape[2]  # position along the last axis
-    reach = 1 + 2  # the descriptor's radius + dilation
+    reach = 1 + 2 * 2  # the descriptor's radius + 2 * dilation (its footprint + 2)
     assert int(depth.max()) == shape[2] - 1 - reach
     assert int(depth.min()) == 0  # the first face is air: its band keeps the dilated foreground
