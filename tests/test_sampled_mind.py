@@ -239,6 +239,6 @@ def test_a_cut_face_band_carries_no_similarity_weight():
     lattice = SampledMIND(fixed, head(shape, 1), None, None, stride=1).lattice
     index = lattice.samples[0][0]
     depth = index % shape[2]  # position along the last axis
-    reach = 1 + 2 * 2  # the descriptor's radius + 2 * dilation (its footprint + 2)
-    assert int(depth.max()) == shape[2] - 1 - reach
+    band = 1 + 2 + 1  # the descriptor's radius + dilation, and one voxel for smoothing
+    assert int(depth.max()) == shape[2] - 1 - band
     assert int(depth.min()) == 0  # the first face is air: its band keeps the dilated foreground
