@@ -228,7 +228,7 @@ def test_intersubject_variants_start_from_register_py_defaults():
 
     defaults = intersubject.engine_settings([])
     assert set(defaults) <= set(inspect.signature(register).parameters)
-    assert defaults["mind_sampling"] is True and defaults["loss"] == "mind+grad"
+    assert defaults["mind_sampling"] is True and defaults["loss"] == "auto"
     dense = intersubject.engine_settings(["mind_sampling=false", "polish_iterations=0"])
     assert dense["mind_sampling"] is False and dense["polish_iterations"] == 0
     assert {k: v for k, v in dense.items() if k not in ("mind_sampling", "polish_iterations")} == {

@@ -49,6 +49,7 @@ from regnet.cli.common import (
 )
 from regnet.data.validate import check_mask_content
 from regnet.optimize import INITS, TRANSFORMS, register
+from regnet.optimize.contrast import AUTO
 from regnet.optimize.initialize import foreground_mask
 from regnet.optimize.safeguard import check_against_start
 from regnet.outputs import check_output_dir, write_registration
@@ -255,9 +256,12 @@ def mind_sigma(
 
 
 def _mind_options(loss: str | None, sigma: Sequence[float]) -> dict[str, dict[str, Any]] | None:
-    """``loss_options`` setting the ``mind`` term's image smoothing, when ``loss`` holds it."""
+    """``loss_options`` setting the ``mind`` term's image smoothing, when ``loss`` holds it (or
+    is ``auto``, which may choose it)."""
     names = [name.strip() for name in (loss or "").split("+")]
-    return {"mind": {"sigma": tuple(sigma)}} if "mind" in names and max(sigma) > 0 else None
+    if ("mind" in names or AUTO in names) and max(sigma) > 0:
+        return {"mind": {"sigma": tuple(sigma)}}
+    return None
 
 
 def _tuple(value: Any, name: str) -> tuple[int, ...] | None:
@@ -368,7 +372,7 @@ def register_pair(
     seconds = watch.seconds()
     info: dict[str, Any] = {
         "method": f"register:{cfg.transform}",
-        "loss": settings["loss"],
+        "loss": result.loss or settings["loss"],
         "loss_options": settings["loss_options"],
         "working_grid": {"shape": list(shape), "affine": affine.tolist()},
         "device": str(device),
@@ -379,6 +383,8 @@ def register_pair(
         "level_seconds": level_seconds(result.history),
         "level_steps": level_steps(result.history),
     }
+    if result.contrast_correlation is not None:
+        info["contrast_correlation"] = result.contrast_correlation
     if check is not None:
         info["start_check"] = check.as_dict()
     if matrix is not None:

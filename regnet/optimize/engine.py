@@ -36,7 +36,13 @@ from typing import Any
 import torch
 
 from regnet.losses.composite import DEFAULT_WEIGHTS
-from regnet.optimize.initialize import centre_of_mass_translation, search_level
+from regnet.optimize.contrast import AUTO, choose_loss, local_correlation
+from regnet.optimize.initialize import (
+    centre_of_mass_translation,
+    dilate,
+    foreground_mask,
+    search_level,
+)
 from regnet.optimize.levels import (
     Level,
     LevelHistory,
@@ -116,6 +122,9 @@ class RegistrationResult:
             ``None`` for rigid/affine transforms.
         history: per stage and level, the loss after every iteration.
         seconds: wall time of the whole registration.
+        loss: the deformable stage's loss spec (``loss="auto"``: the one chosen).
+        contrast_correlation: ``loss="auto"``: the local correlation that chose it
+            (:mod:`regnet.optimize.contrast`), else ``None``.
     """
 
     ddf: torch.Tensor
@@ -123,6 +132,8 @@ class RegistrationResult:
     local_ddf: torch.Tensor | None
     history: list[LevelHistory]
     seconds: float
+    loss: str | None = None
+    contrast_correlation: float | None = None
 
 
 def _check_image(tensor: torch.Tensor, name: str, shape: Sequence[int] | None) -> None:
@@ -186,8 +197,10 @@ def register(
         fixed, moving: ``(1, C, *S)`` images (2D or 3D) on one grid.
         transform: ``"rigid"``, ``"affine"``, ``"bspline"``, ``"ddf"`` or ``"svf"``.
         loss: :func:`regnet.losses.build_loss` spec (e.g. ``"lncc+grad"``; regularisers see the
-            deformable displacement in level voxels, zero during the affine stage), or ``None``
-            for the landmark term alone.
+            deformable displacement in level voxels, zero during the affine stage), ``None``
+            for the landmark term alone, or ``"auto"``: after the affine stage, ``lncc+grad``
+            when the aligned images show the same contrast, else ``mind+grad``
+            (:mod:`regnet.optimize.contrast`; needs ``affine_loss``).
         weights: weight per loss term name.
         levels: pyramid levels, each twice as coarse as the next (finest: the input grid).
         iterations: Adam steps per level, coarse to fine (0 skips a level; a deformable field
@@ -302,6 +315,9 @@ def register(
         landmarks = (fixed_points, moving_points)
     if not loss and landmarks is None:
         raise ValueError("loss is empty and no landmarks are given: nothing to optimise")
+    auto = loss == AUTO
+    if auto and not affine_loss:
+        raise ValueError("loss='auto' needs affine_loss: the similarity of the affine stage")
     spacing_tensor = None
     if spacing is not None:
         spacing = [float(s) for s in spacing]
@@ -342,7 +358,7 @@ def register(
             moving_mask=(
                 downsample(masks["moving_mask"], level_shape) if "moving_mask" in masks else None
             ),
-            loss=level_loss(loss, weights, loss_options, windows[index]),
+            loss=None if auto else level_loss(loss, weights, loss_options, windows[index]),
             affine_loss=level_loss(
                 affine_loss or loss,
                 weights if not affine_loss else terms_of(affine_loss, weights),
@@ -420,6 +436,13 @@ def register(
                 record,
             )
     matrix = None if affine is None else affine.matrix().detach()
+    correlation = None
+    if auto:
+        loss, correlation = _choose_deformable_loss(pyramid, matrix)
+        for level in pyramid:
+            level.loss = level_loss(
+                loss, terms_of(loss, weights), terms_of(loss, loss_options), windows[level.index]
+            )
 
     # Deformable stage.
     local_full = None
@@ -507,7 +530,29 @@ def register(
         local_ddf=local_full,
         history=history,
         seconds=time.perf_counter() - start,
+        loss=loss if deformable else None,
+        contrast_correlation=correlation,
     )
+
+
+def _choose_deformable_loss(
+    pyramid: Sequence[Level], matrix: torch.Tensor | None
+) -> tuple[str, float]:
+    """``loss="auto"``: the loss :func:`regnet.optimize.contrast.choose_loss` picks from the local
+    correlation of the fixed image and the moving image aligned by ``matrix``, on the level
+    below the finest (the finest with one level), over both foregrounds eroded by one voxel:
+    partial-volume voxels at the object's edge pair bright with dark whatever the contrast, and
+    on a 16^3 level of a 32^3 head phantom moved the correlation of an inverted contrast from
+    -0.98 to -0.12."""
+    level = pyramid[-2] if len(pyramid) > 1 else pyramid[-1]
+    radius = [1] * len(level.shape)
+    regions = [
+        1.0 - dilate(1.0 - foreground_mask(image, 0), radius)
+        for image in (level.fixed, level.moving)
+    ]
+    level_matrix = None if matrix is None else level.level_matrix(matrix)
+    correlation = local_correlation(level.fixed, level.moving, level_matrix, *regions)
+    return choose_loss(correlation), correlation
 
 
 def _use_sampled_mind(
