@@ -289,6 +289,17 @@ def test_auto_spacing_is_each_axis_voxel_size_within_1_5_to_2_mm(tmp_path, voxel
     np.testing.assert_allclose(extent, [5 * v for v in voxel], atol=max(expected) / 2)
 
 
+def test_auto_spacing_keeps_fine_pixels_of_2d_images(tmp_path):
+    """2D: the image's own pixel size below 2 mm, 2 mm above."""
+    from regnet.cli.register import working_spacing
+
+    for pixel, expected in (((1.0, 0.5), (1.0, 0.5)), ((3.0, 1.0), (2.0, 1.0))):
+        path = tmp_path / f"slice{pixel[0]}.nii.gz"
+        image = np.random.rand(8, 8).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, np.diag([*pixel, 1.0, 1.0])), path)
+        assert working_spacing("auto", load_volume(path)) == pytest.approx(expected)
+
+
 def test_auto_spacing_follows_the_axes_onto_the_working_grid(tmp_path):
     """A sagittal thick-slice scan stored with its 5 mm axis first (L-R) and its in-plane axes
     as S, A: the working grid (RAS order) is 2 mm along R, 1.5 mm along A and S."""
@@ -306,8 +317,8 @@ def test_auto_spacing_follows_the_axes_onto_the_working_grid(tmp_path):
 
 def test_auto_spacing_and_grid_spacing_along_image_axes_in_2d(tmp_path):
     """2D: a 1 x 5 mm image stored with its axes swapped (first axis A-P at 5 mm, second axis
-    R-L at 1 mm) gets a 1.5 x 2 mm working grid in RAS order (R, A), and the grid's spacing
-    along each stored image axis is 2 mm along the first, 1.5 mm along the second."""
+    R-L at 1 mm) gets a 1 x 2 mm working grid in RAS order (R, A), and the grid's spacing
+    along each stored image axis is 2 mm along the first, 1 mm along the second."""
     from regnet.cli.register import grid_spacing_along, working_spacing
 
     affine = np.zeros((4, 4))
@@ -317,11 +328,11 @@ def test_auto_spacing_and_grid_spacing_along_image_axes_in_2d(tmp_path):
     volume = load_volume(path)
     assert volume.ndim == 2
     spacing = working_spacing("auto", volume)
-    assert spacing == pytest.approx((1.5, 2.0))
+    assert spacing == pytest.approx((1.0, 2.0))
     grid_affine, shape = working_grid(volume, spacing)
-    assert shape == (20, 21)  # round(29 mm / 1.5) + 1, 40 mm / 2 + 1
-    np.testing.assert_allclose(np.linalg.norm(grid_affine[:3, :2], axis=0), [1.5, 2.0])
-    assert grid_spacing_along(grid_affine, volume.affine, 2) == pytest.approx([2.0, 1.5])
+    assert shape == (30, 21)  # 29 mm / 1 + 1, 40 mm / 2 + 1
+    np.testing.assert_allclose(np.linalg.norm(grid_affine[:3, :2], axis=0), [1.0, 2.0])
+    assert grid_spacing_along(grid_affine, volume.affine, 2) == pytest.approx([2.0, 1.0])
 
 
 def test_anti_aliasing_smooths_each_image_axis_to_the_grid_spacing_along_it(tmp_path):
