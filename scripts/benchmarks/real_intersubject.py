@@ -219,8 +219,13 @@ def evaluate(method: str, fixed: Path, moving: Path, out: Path, variants, args) 
     """Run one method on one pair and score it."""
     out.mkdir(parents=True, exist_ok=True)
     if method == "header":
-        record = {"reg_s": 0.0, "folding": 0.0}
-        record["warped"] = np.asarray(nib.load(tissue_path(moving)).dataobj)
+        import ants
+
+        classes = ants.image_read(str(tissue_path(moving)))
+        on_fixed = ants.resample_image_to_target(
+            classes, ants.image_read(str(fixed)), "genericLabel"
+        )
+        record = {"reg_s": 0.0, "folding": 0.0, "warped": on_fixed.numpy()}
     elif method in ("ants-affine", "ants-syn"):
         record = run_ants(fixed, moving, out, "Affine" if method == "ants-affine" else "SyN")
     elif method == "greedy":
