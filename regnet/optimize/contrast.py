@@ -7,14 +7,14 @@ field, another contrast, preprocessing or pose; ``docs/benchmarks.md``, "Real sc
 ``mind+grad`` had the lower end-point error in every scenario in half the time, and it is the one
 that survives a change of contrast. Between different people's brains of one contrast
 ``lncc+grad`` aligned the tissues far better (``docs/benchmarks.md``, "Real inter-subject
-pairs": tissue Dice 0.758 against 0.638 over 30 pairs of six people's slices, ANTs SyN 0.712).
+pairs": tissue Dice 0.774 against 0.646 over 30 pairs of six people's slices, ANTs SyN 0.711).
 
 The two cases differ in the local correlation of the aligned images (:func:`local_correlation`):
 locally a bias field is a constant factor and a monotone intensity change nearly linear, so one
 brain in one contrast scores high, another person's brain (folds in other places) lower, and
 another contrast near or below 0. Measured after the affine stage (``register.py``'s defaults):
 one brain, one contrast 0.82-0.97 (bias field and noise 0.82; with 10-12 mm deformations
-0.75-0.91); two people, one contrast 0.55-0.73 (the six slices' pairs, Colin27 against the ICBM
+0.75-0.91); two people, one contrast 0.42-0.73 (the six slices' pairs, Colin27 against the ICBM
 2009a template) and 0.14-0.45 on the label-rendered demo pairs; T2-like against T1 -0.31 to
 -0.94.
 """
