@@ -71,6 +71,28 @@ def test_local_correlation_reads_the_moving_image_through_the_matrix():
     assert local_correlation(fixed, moving, matrix, region, everywhere(fixed)) == pytest.approx(1.0)
 
 
+def test_local_correlation_in_2d_through_a_translation():
+    """2D: moving(x + t) = fixed(x) scores 1 through the matrix of t; the inverted image -1."""
+    fixed = torch.rand(1, 1, 24, 20, generator=torch.Generator().manual_seed(3))
+    moving = torch.roll(fixed, shifts=(2, -3), dims=(2, 3))  # moving[i + 2, j - 3] = fixed[i, j]
+    matrix = torch.eye(3)[None]
+    matrix[0, 0, 2], matrix[0, 1, 2] = 2.0, -3.0
+    region = torch.zeros_like(fixed)
+    region[:, :, :22, 3:] = 1.0
+    ones = everywhere(fixed)
+    assert local_correlation(fixed, moving, None, region, ones) < 0.2
+    assert local_correlation(fixed, moving, matrix, region, ones) == pytest.approx(1.0)
+    assert local_correlation(fixed, 1.0 - moving, matrix, region, ones) == pytest.approx(-1.0)
+
+
+def test_register_auto_with_an_affine_transform_chooses_nothing(head):
+    labels, fixed = head
+    result = register(fixed, shifted(render(labels, seed=2)), transform="affine", loss="auto",
+                      **{k: v for k, v in QUICK.items() if k != "iterations"},
+                      iterations=(3, 2, 0))  # fmt: skip
+    assert result.loss is None and result.contrast_correlation is None
+
+
 def test_choose_loss_lncc_only_between_the_two_thresholds():
     assert choose_loss(SAME_CONTRAST_CORRELATION) == SAME_CONTRAST_LOSS
     assert choose_loss(SAME_ANATOMY_CORRELATION - 1e-6) == SAME_CONTRAST_LOSS

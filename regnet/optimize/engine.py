@@ -437,7 +437,7 @@ def register(
             )
     matrix = None if affine is None else affine.matrix().detach()
     correlation = None
-    if auto:
+    if auto and deformable:
         loss, correlation = _choose_deformable_loss(pyramid, matrix)
         for level in pyramid:
             level.loss = level_loss(

@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -277,7 +278,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--regnet-args", default="", help="register.py overrides, all regnet runs")
     parser.add_argument("--data", type=Path, help="antspyx source distribution's data folder")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/regnet-real-intersubject"))
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "regnet-real-intersubject",
+        help="downloaded source distribution, prepared images and results",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", choices=("slices", "brains"), default="slices")
     parser.add_argument("--subjects", help="a subset of the set's subjects, e.g. r16,r27")
