@@ -149,12 +149,21 @@ def test_register_auto_chooses_by_how_the_aligned_images_relate(head, case, expe
         "inverted contrast": lambda: render(labels, inverted=True, seed=2),
     }[case]()
     moving = shifted(image)
-    result = register(fixed, moving, loss="auto", **QUICK)
+    result = register(fixed, moving, loss="auto", exact_svf_gradient="auto", **QUICK)
     assert result.loss == expected
     assert low <= result.contrast_correlation < high
-    explicit = register(fixed, moving, loss=expected, **QUICK)
+    assert result.exact_svf_gradient == (expected == SAME_CONTRAST_LOSS)  # exact with lncc
+    explicit = register(
+        fixed, moving, loss=expected, exact_svf_gradient=result.exact_svf_gradient, **QUICK
+    )
     assert explicit.loss == expected and explicit.contrast_correlation is None
     assert torch.equal(result.ddf, explicit.ddf)  # "auto" only chooses
+
+
+def test_register_refuses_an_unknown_svf_gradient_setting(head):
+    _, fixed = head
+    with pytest.raises(ValueError, match="exact_svf_gradient"):
+        register(fixed, fixed, exact_svf_gradient="sometimes", **QUICK)
 
 
 def test_register_auto_needs_an_affine_similarity(head):

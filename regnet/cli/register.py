@@ -218,7 +218,9 @@ def engine_settings(
         "overlap_margin": None if cfg.overlap_margin is None else float(cfg.overlap_margin),
         "search_iterations": int(cfg.search_iterations),
         "integration_steps": int(cfg.integration_steps),
-        "exact_svf_gradient": bool(cfg.exact_svf_gradient),
+        "exact_svf_gradient": (
+            AUTO if cfg.exact_svf_gradient == AUTO else bool(cfg.exact_svf_gradient)
+        ),
         "mind_sampling": bool(cfg.mind_sampling),
         "polish_iterations": int(cfg.polish_iterations),
         "affine_sampling": bool(cfg.affine_sampling),
@@ -300,6 +302,10 @@ def check_settings(cfg: DictConfig) -> None:
             valid = False
         if not valid:
             raise InputError(f"mind_sigma={cfg.mind_sigma}", "must be auto or a number >= 0")
+    if cfg.exact_svf_gradient not in (True, False, AUTO):
+        raise InputError(
+            f"exact_svf_gradient={cfg.exact_svf_gradient}", "must be auto, true or false"
+        )
     if cfg.interpolation not in INTERPOLATIONS:
         choices = " or ".join(INTERPOLATIONS)
         raise InputError(f"interpolation={cfg.interpolation}", f"expected {choices}")
@@ -389,6 +395,8 @@ def register_pair(
     }
     if result.contrast_correlation is not None:
         info["contrast_correlation"] = result.contrast_correlation
+    if result.exact_svf_gradient is not None:
+        info["exact_svf_gradient"] = result.exact_svf_gradient
     if check is not None:
         info["start_check"] = check.as_dict()
     if matrix is not None:

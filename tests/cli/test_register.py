@@ -369,6 +369,7 @@ def test_anti_aliasing_smooths_each_image_axis_to_the_grid_spacing_along_it(tmp_
     [
         ("spacing=fine", "error: spacing=fine: must be auto, null or a"),
         ("mind_sigma=-1", "error: mind_sigma=-1: must be auto or a number >= 0"),
+        ("exact_svf_gradient=2", "error: exact_svf_gradient=2: must be auto, true or false"),
     ],
 )
 def test_a_setting_out_of_range_is_named(pair, tmp_path, capsys, setting, message):
@@ -405,6 +406,7 @@ def test_register_py_smooths_before_mind_on_the_scans_own_grid(pair, tmp_path):
     main([*args, f"out={tmp_path / 'auto'}", "overview=false"])
     info = json.loads((tmp_path / "auto" / "metrics.json").read_text())["info"]
     assert info["loss_options"] == {"mind": {"sigma": [0.3, 0.3, 0.3]}}
+    assert info["exact_svf_gradient"] == (info["loss"] == "lncc+grad")  # the choice, recorded
     main([*args, "mind_sigma=0", f"out={tmp_path / 'none'}", "overview=false"])
     assert (
         json.loads((tmp_path / "none" / "metrics.json").read_text())["info"]["loss_options"] is None
