@@ -8,9 +8,9 @@ absent from both maps is omitted from the result.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from regnet.metrics.arrays import ArrayLike, as_tensor
@@ -74,10 +74,19 @@ def hd95(
 ) -> dict[int, float]:
     """Symmetric 95th-percentile Hausdorff distance between label surfaces, in mm, per label.
 
-    Uses MONAI's ``compute_hausdorff_distance(percentile=95)``: the larger of the two directed
-    95th percentiles of boundary-voxel distances. ``spacing`` is the voxel size in mm along each
-    spatial tensor axis (``len(spacing)`` = 2 or 3 trailing axes of the maps). A label present in
-    only one map gets ``inf``; labels absent from both are omitted.
+    As MONAI's ``compute_hausdorff_distance(percentile=95)`` defines it (equal values, tested):
+    the larger of the two directed 95th percentiles (linear interpolation) of the distances from
+    each surface voxel of one map's label to the nearest surface voxel of the other's, a surface
+    voxel being a label voxel with a face neighbour outside the label or the map. ``spacing`` is
+    the voxel size in mm along each spatial tensor axis (``len(spacing)`` = 2 or 3 trailing axes
+    of the maps). A label present in only one map gets ``inf``; labels absent from both are
+    omitted.
+
+    Own code, not MONAI's, because importing ``monai.metrics`` took 5.8 s on 2 CPU threads:
+    ``register.py labels=...`` on a 2 mm brain with 83 labels spent 7.3 s in this function
+    through MONAI, most of it that import. The surfaces are taken within the label's bounding
+    box in both maps and the nearest-surface distances come from a k-d tree, as in MONAI's CPU
+    path.
     """
     pred, true = _label_pair(pred_labels, true_labels)
     spacing = tuple(float(s) for s in spacing)
@@ -88,22 +97,47 @@ def hd95(
         raise ValueError(
             f"label maps of shape {tuple(pred.shape)} do not match a {ndim}D spacing {spacing}"
         )
-    # Imported here: importing anything from MONAI takes seconds, and label maps are optional.
-    from monai.metrics import compute_hausdorff_distance
+    # Imported here: label maps are optional.
+    from scipy.spatial import KDTree
 
-    pred = pred.reshape(pred.shape[pred.dim() - ndim :])
-    true = true.reshape(pred.shape)
+    scored = _scored_labels(pred, true, labels)
+    pred = pred.reshape(pred.shape[pred.dim() - ndim :]).cpu().numpy()
+    true = true.reshape(pred.shape).cpu().numpy()
+    scale = np.asarray(spacing)
     result = {}
-    for label in _scored_labels(pred, true, labels):
+    for label in scored:
         pred_mask, true_mask = pred == label, true == label
         if not (pred_mask.any() and true_mask.any()):
             result[label] = math.inf
             continue
-        with warnings.catch_warnings():
-            # MONAI warns about one of its own deprecated arguments on every call.
-            warnings.simplefilter("ignore", FutureWarning)
-            distance = compute_hausdorff_distance(
-                pred_mask[None, None], true_mask[None, None], percentile=95, spacing=spacing
-            )
-        result[label] = float(distance.item())
+        box = _bounding_box(pred_mask | true_mask)
+        pred_surface = np.argwhere(_surface(pred_mask[box])) * scale
+        true_surface = np.argwhere(_surface(true_mask[box])) * scale
+        distances = [
+            KDTree(target, leafsize=32).query(source, k=1)[0]
+            for source, target in ((pred_surface, true_surface), (true_surface, pred_surface))
+        ]
+        result[label] = max(float(np.percentile(d.astype(np.float32), 95)) for d in distances)
     return result
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every voxel of ``mask`` (not empty)."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        along = np.flatnonzero(mask.any(axis=others))
+        box.append(slice(int(along[0]), int(along[-1]) + 1))
+    return tuple(box)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a face neighbour outside it or outside the array."""
+    padded = np.pad(mask, 1)
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        for shift in (0, 2):
+            index = [slice(1, -1)] * mask.ndim
+            index[axis] = slice(shift, shift + mask.shape[axis])
+            interior &= padded[tuple(index)]
+    return mask & ~interior
