@@ -15,11 +15,14 @@ def _pair(shape, dtype=torch.float32, seed=0):
     return fixed, warped
 
 
-@pytest.mark.parametrize("window", [1, 3, 5])
-def test_box_sum_equals_convolution_with_zero_padding(window):
-    x = torch.rand(2, 3, 6, 7, 5, dtype=torch.float64)
-    kernel = torch.ones(3, 1, window, window, window, dtype=torch.float64)
-    expected = F.conv3d(F.pad(x, [window // 2] * 6), kernel, groups=3)
+@pytest.mark.parametrize("window", [1, 3, 5, 9, 13])  # 9 and 13 reach past the 5-voxel axis
+@pytest.mark.parametrize("shape", [(2, 3, 6, 7, 5), (2, 3, 8, 5)])
+def test_box_sum_equals_convolution_with_zero_padding(window, shape):
+    x = torch.rand(shape, dtype=torch.float64)
+    ndim = len(shape) - 2
+    kernel = torch.ones(3, 1, *[window] * ndim, dtype=torch.float64)
+    conv = F.conv3d if ndim == 3 else F.conv2d
+    expected = conv(F.pad(x, [window // 2] * 2 * ndim), kernel, groups=3)
     torch.testing.assert_close(box_sum(x, window), expected)
 
 
