@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from regnet.losses.differences import central_difference
-from regnet.losses.lncc import local_ncc
+from regnet.losses.lncc import fixed_windows, local_ncc
 from regnet.losses.term import LossTerm, image_pair, masked_mean
 
 IMAGE_KEYS = ("fixed", "warped")
@@ -73,7 +73,9 @@ class LNCC(LossTerm):
     """Negative mean squared local NCC over ``window``-voxel cubes, in ``[-1, 0]``.
 
     See :func:`regnet.losses.lncc.local_ncc` for the definition (MONAI's, with flat windows
-    counted as 0) and the measured speed.
+    counted as 0) and the measured speed. The fixed image's window statistics are kept from one
+    call to the next while the same, unmodified fixed tensor comes back (as in every iteration
+    of a registration): a third of the forward pass on a 2 mm brain.
     """
 
     requires = IMAGE_KEYS
@@ -84,10 +86,28 @@ class LNCC(LossTerm):
             raise ValueError(f"lncc window must be a positive odd integer, got {window}")
         self.window = window
         self.eps = eps
+        self._fixed_windows: tuple | None = None  # (fixed tensor, its version, windows)
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         fixed, warped, mask = image_pair(inputs)
-        return local_ncc(fixed, warped, window=self.window, eps=self.eps, mask=mask)
+        windows = self._windows(fixed) if fixed.dtype == warped.dtype else None
+        return local_ncc(
+            fixed, warped, window=self.window, eps=self.eps, mask=mask, windows=windows
+        )
+
+    def _windows(self, fixed: torch.Tensor):
+        """:func:`regnet.losses.lncc.fixed_windows` of ``fixed``, computed again only for another
+        tensor or after an in-place change (``None`` for an image that needs a gradient or is
+        not float32/float64). The tensor itself is held, so its memory cannot be reused by
+        another while it is remembered."""
+        if fixed.requires_grad or fixed.dtype not in (torch.float32, torch.float64):
+            return None
+        kept = self._fixed_windows
+        if kept is None or kept[0] is not fixed or kept[1] != fixed._version:
+            with torch.no_grad():
+                windows = fixed_windows(fixed, self.window, self.eps)
+            kept = self._fixed_windows = (fixed, fixed._version, windows)
+        return kept[2]
 
 
 def _cubic_bspline_weights(t: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -85,46 +85,68 @@ def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
     return _box_sum_padded(buffer, window)
 
 
+def fixed_windows(
+    fixed: torch.Tensor, window: int, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed image's part of :func:`local_ncc`: its window sums ``S[I]``, its window
+    variances ``var_I`` and where they are flat (module docstring), each ``(B, C, *S)``. They do
+    not change while only the warped image does, so :class:`regnet.losses.LNCC` keeps them."""
+    channels = fixed.shape[1]
+    n = float(window ** (fixed.dim() - 2))
+    rtol = 100.0 * torch.finfo(fixed.dtype).eps
+    shape = [fixed.shape[0], 2 * channels, *fixed.shape[2:]]
+    buffer, stacked = _padded_buffer(shape, 2, window // 2, fixed)
+    image_i, prod_ii = stacked.split(channels, dim=1)
+    image_i.copy_(fixed)
+    torch.mul(fixed, fixed, out=prod_ii)
+    sums = _box_sum_padded(buffer, window) if window > 1 else stacked.clone()
+    s_i, var_i = sums.split(channels, dim=1)
+    mean_sq = s_i * s_i / n
+    var_i.sub_(mean_sq)  # in place: S[II] -> var_I
+    flat = var_i <= mean_sq.mul_(rtol).clamp_min_(eps)
+    return s_i, var_i, flat
+
+
 class _LocalNCC(torch.autograd.Function):
-    """``-sum(weight * r)`` with ``r`` the squared local correlation map (module docstring)."""
+    """``-sum(weight * r)`` with ``r`` the squared local correlation map (module docstring);
+    ``windows`` are :func:`fixed_windows` of ``fixed``. The warped image's three window sums
+    (``S[J]``, ``S[JJ]``, ``S[IJ]``) are taken together, apart from the fixed image's two: on a
+    121x145x121 volume, window 7, 2 CPU threads, one 5-channel box sum took 144 ms and a
+    3-channel one 45 ms."""
 
     @staticmethod
-    def forward(ctx, fixed, warped, weight, window, eps):
+    def forward(ctx, fixed, warped, weight, window, eps, windows):
         channels = fixed.shape[1]
         n = float(window ** (fixed.dim() - 2))
         rtol = 100.0 * torch.finfo(fixed.dtype).eps
-        shape = [fixed.shape[0], 5 * channels, *fixed.shape[2:]]
+        s_i, var_i, flat_i = windows
+        shape = [fixed.shape[0], 3 * channels, *fixed.shape[2:]]
         buffer, stacked = _padded_buffer(shape, 2, window // 2, fixed)
-        image_i, image_j, prod_ii, prod_jj, prod_ij = stacked.split(channels, dim=1)
-        image_i.copy_(fixed)
+        image_j, prod_jj, prod_ij = stacked.split(channels, dim=1)
         image_j.copy_(warped)
-        torch.mul(fixed, fixed, out=prod_ii)
         torch.mul(warped, warped, out=prod_jj)
         torch.mul(fixed, warped, out=prod_ij)
         sums = _box_sum_padded(buffer, window) if window > 1 else stacked.clone()
-        del buffer, stacked, image_i, image_j, prod_ii, prod_jj, prod_ij
-        s_i, s_j, var_i, var_j, cross = sums.split(channels, dim=1)
-        # In place: S[II] -> var_I, S[JJ] -> var_J, S[IJ] -> cross (saves three volumes).
-        mean_sq = s_i * s_i / n
-        var_i.sub_(mean_sq)
-        flat = var_i <= mean_sq.mul_(rtol).clamp_min_(eps)
-        torch.mul(s_j, s_j, out=mean_sq).div_(n)
+        del buffer, stacked, image_j, prod_jj, prod_ij
+        s_j, var_j, cross = sums.split(channels, dim=1)
+        # In place: S[JJ] -> var_J, S[IJ] -> cross (saves two volumes).
+        mean_sq = s_j * s_j / n
         var_j.sub_(mean_sq)
-        flat |= var_j <= mean_sq.mul_(rtol).clamp_min_(eps)
+        flat = flat_i | (var_j <= mean_sq.mul_(rtol).clamp_min_(eps))
         torch.mul(s_i, s_j, out=mean_sq).div_(n)
         cross.sub_(mean_sq)
         ratio = torch.mul(var_i.clamp_min(eps), var_j.clamp_min(eps), out=mean_sq)
         ratio = torch.mul(cross, cross).div_(ratio).masked_fill_(flat, 0.0)
-        ctx.save_for_backward(fixed, warped, weight, sums, ratio)
+        ctx.save_for_backward(fixed, warped, weight, s_i, var_i, sums, ratio)
         ctx.window, ctx.eps, ctx.n = window, eps, n
         return -(ratio.clamp_max(1.0) * weight).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        fixed, warped, weight, sums, ratio = ctx.saved_tensors
+        fixed, warped, weight, s_i, var_i, sums, ratio = ctx.saved_tensors
         channels = fixed.shape[1]
-        s_i, s_j, var_i, var_j, cross = sums.split(channels, dim=1)
+        s_j, var_j, cross = sums.split(channels, dim=1)
         need_fixed, need_warped = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         window, eps, n = ctx.window, ctx.eps, ctx.n
         # dL/dr, zero on flat windows (r = 0 there by definition) and where r was clamped at 1;
@@ -159,7 +181,7 @@ class _LocalNCC(torch.autograd.Function):
         if need_warped:
             g_j, g_jj = spread.pop(0), spread.pop(0)
             grad_warped = torch.addcmul(g_j, warped, g_jj, value=2.0).addcmul_(fixed, g_ij)
-        return grad_fixed, grad_warped, None, None, None
+        return grad_fixed, grad_warped, None, None, None, None
 
 
 def local_ncc(
@@ -168,6 +190,7 @@ def local_ncc(
     window: int = 9,
     eps: float = 1e-5,
     mask: torch.Tensor | None = None,
+    windows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Negative mean squared local NCC of two images, in ``[-1, 0]`` (lower is better).
 
@@ -177,6 +200,8 @@ def local_ncc(
         eps: lower bound on each window's summed variance (MONAI's ``smooth_dr``).
         mask: optional ``(B|1, 1, *S)`` voxel weights (e.g. a fixed-image mask); the mean over
             voxels becomes a mask-weighted mean.
+        windows: :func:`fixed_windows` of ``fixed`` (same dtype, ``window`` and ``eps``), when
+            already at hand; else computed here.
 
     Returns:
         Scalar tensor; double backward is not supported.
@@ -198,4 +223,7 @@ def local_ncc(
     else:
         mask = mask.detach().to(dtype).expand(fixed.shape[0], 1, *fixed.shape[2:])
         weight = mask / (mask.sum() * fixed.shape[1]).clamp_min(1e-12)
-    return _LocalNCC.apply(fixed, warped, weight, int(window), float(eps))
+    if windows is None:
+        with torch.no_grad():
+            windows = fixed_windows(fixed, int(window), float(eps))
+    return _LocalNCC.apply(fixed, warped, weight, int(window), float(eps), windows)

@@ -110,3 +110,25 @@ def test_bad_window_raises(window):
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="same shape"):
         local_ncc(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 9))
+
+
+def test_lncc_term_keeps_the_fixed_windows_only_while_the_fixed_image_is_unchanged():
+    """Repeated calls with one fixed tensor reuse its window statistics; another tensor, or the
+    same one changed in place, gets them again: every value equals a fresh computation."""
+    fixed, warped = _pair((1, 1, 10, 12, 9))
+    term = LNCC(window=5)
+
+    def fresh(image):
+        return local_ncc(image, warped, window=5)
+
+    first = term({"fixed": fixed, "warped": warped})
+    kept = term._fixed_windows[2]
+    assert torch.equal(term({"fixed": fixed, "warped": warped}), first)
+    assert term._fixed_windows[2] is kept  # reused
+    assert torch.equal(first, fresh(fixed))
+    fixed.mul_(0.5).add_(torch.rand_like(fixed) * 0.5)  # in place: the version changes
+    changed = term({"fixed": fixed, "warped": warped})
+    assert term._fixed_windows[2] is not kept
+    assert torch.equal(changed, fresh(fixed)) and not torch.equal(changed, first)
+    other = fixed.clone() ** 2
+    assert torch.equal(term({"fixed": other, "warped": warped}), fresh(other))
