@@ -97,10 +97,15 @@ class LNCC(LossTerm):
 
     def _windows(self, fixed: torch.Tensor):
         """:func:`regnet.losses.lncc.fixed_windows` of ``fixed``, computed again only for another
-        tensor or after an in-place change (``None`` for an image that needs a gradient or is
-        not float32/float64). The tensor itself is held, so its memory cannot be reused by
-        another while it is remembered."""
-        if fixed.requires_grad or fixed.dtype not in (torch.float32, torch.float64):
+        tensor or after an in-place change (``None`` for an image that needs a gradient, is not
+        float32/float64 or is an inference-mode tensor, which has no version counter). The
+        tensor itself is held, so its memory cannot be reused by another while it is
+        remembered."""
+        if (
+            fixed.requires_grad
+            or fixed.is_inference()
+            or fixed.dtype not in (torch.float32, torch.float64)
+        ):
             return None
         kept = self._fixed_windows
         if kept is None or kept[0] is not fixed or kept[1] != fixed._version:

@@ -132,3 +132,12 @@ def test_lncc_term_keeps_the_fixed_windows_only_while_the_fixed_image_is_unchang
     assert torch.equal(changed, fresh(fixed)) and not torch.equal(changed, first)
     other = fixed.clone() ** 2
     assert torch.equal(term({"fixed": other, "warped": warped}), fresh(other))
+
+
+def test_lncc_term_under_inference_mode_computes_the_fixed_windows_each_time():
+    fixed, warped = _pair((1, 1, 10, 12, 9))
+    term = LNCC(window=5)
+    with torch.inference_mode():
+        value = term({"fixed": fixed.clone(), "warped": warped})
+    assert term._fixed_windows is None
+    assert torch.equal(value, local_ncc(fixed, warped, window=5))
