@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from regnet.losses.composite import DEFAULT_WEIGHTS
+from regnet.losses.composite import DEFAULT_WEIGHTS, parse_spec
 from regnet.optimize.contrast import AUTO, choose_loss, local_correlation
 from regnet.optimize.initialize import (
     centre_of_mass_translation,
@@ -563,8 +563,7 @@ def _exact_svf_gradient(setting: bool | str, loss: str | None) -> bool:
     ``"auto"`` whether ``loss`` holds a term of :data:`EXACT_SVF_GRADIENT_TERMS`."""
     if setting != AUTO:
         return bool(setting)
-    terms = (loss or "").replace(" ", "").split("+")
-    return any(term in EXACT_SVF_GRADIENT_TERMS for term in terms)
+    return bool(loss) and any(term in EXACT_SVF_GRADIENT_TERMS for term in parse_spec(loss))
 
 
 def _choose_deformable_loss(
