@@ -80,7 +80,12 @@ class SampledMIND:
                     moving_mask = sample(moving_mask, points, padding="zeros")
             self.moving_mask = None if moving_mask is None else moving_mask.detach()
             fixed_descriptors = mind_ssc(fixed, radius, dilation, sigma).flatten(2)[0]  # (E, N)
-            self.moving_descriptors = mind_ssc(moving, radius, dilation, sigma)  # (1, E, *S)
+            moving_descriptors = mind_ssc(moving, radius, dilation, sigma)  # (1, E, *S)
+            if self.ndim == 3:  # rows of channels, as regnet.spatial.gather reads them
+                moving_descriptors = moving_descriptors.contiguous(
+                    memory_format=torch.channels_last_3d
+                )
+            self.moving_descriptors = moving_descriptors
             reach = radius + 2 * dilation
             foreground = foreground_mask(fixed, 0)
             if fixed_mask is None:  # foreground_mask's own dilation (2), then the reach

@@ -1,0 +1,94 @@
+"""Trilinear sampling by gathered channel rows against ``grid_sample`` and analytic values."""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regnet.spatial import gather as gather_module
+from regnet.spatial import sample
+from regnet.spatial.gather import gather_sample
+from regnet.spatial.grid import normalized_grid
+
+warp_module = sys.modules["regnet.spatial.warp"]  # the package exports a function named warp
+SHAPE = (7, 6, 5)
+
+
+def points(count, shape=SHAPE, seed=0, margin=1.5):
+    """Random voxel coordinates ``(3, count)``, some up to ``margin`` voxels outside the grid."""
+    gen = torch.Generator().manual_seed(seed)
+    upper = torch.tensor(shape, dtype=torch.float64).view(3, 1) - 1
+    unit = torch.rand(3, count, generator=gen, dtype=torch.float64)
+    return unit * (upper + 2 * margin) - margin
+
+
+def grid_sample_at(image, coords):
+    grid = normalized_grid(coords.view(1, 3, -1, 1, 1), image.shape[2:])
+    out = F.grid_sample(image, grid, padding_mode="border", align_corners=True)
+    return out.flatten(2)
+
+
+def test_values_and_both_gradients_equal_grid_sample():
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, *SHAPE, generator=gen, dtype=torch.float64, requires_grad=True)
+    coords = points(200).requires_grad_()
+    weights = torch.rand(1, 3, 200, generator=gen, dtype=torch.float64)
+    ours = gather_sample(image, coords)
+    theirs = grid_sample_at(image, coords)
+    torch.testing.assert_close(ours, theirs)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), [image, coords])
+    theirs_grads = torch.autograd.grad((theirs * weights).sum(), [image, coords])
+    for mine, reference in zip(ours_grads, theirs_grads, strict=True):
+        torch.testing.assert_close(mine, reference)
+    outside = ((coords < 0) | (coords > torch.tensor(SHAPE).view(3, 1) - 1)).detach()
+    assert outside.any() and (ours_grads[1][outside] == 0).all()
+
+
+def test_gradcheck():
+    gen = torch.Generator().manual_seed(2)
+    image = torch.rand(1, 2, 4, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    coords = points(12, (4, 3, 5), seed=3, margin=0.8).requires_grad_()
+    assert torch.autograd.gradcheck(gather_sample, (image, coords))
+
+
+def test_linear_image_is_reproduced_with_its_slope():
+    # f(i, j, k) = 2 i - 3 j + 0.5 k + 1 is trilinear: exact at any inside point, slope constant.
+    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in SHAPE], indexing="ij")
+    image = (2 * axes[0] - 3 * axes[1] + 0.5 * axes[2] + 1).view(1, 1, *SHAPE)
+    coords = points(50, margin=0.0).requires_grad_()
+    values = gather_sample(image, coords)[0, 0]
+    expected = 2 * coords[0] - 3 * coords[1] + 0.5 * coords[2] + 1
+    torch.testing.assert_close(values, expected.detach())
+    (slope,) = torch.autograd.grad(values.sum(), coords)
+    torch.testing.assert_close(
+        slope, torch.tensor([2.0, -3.0, 0.5]).double().view(3, 1).expand(3, 50)
+    )
+
+
+def test_channels_last_storage_and_chunks_give_the_same_result(monkeypatch):
+    image = torch.rand(1, 4, *SHAPE, dtype=torch.float64)
+    coords = points(300, seed=4)
+    whole = gather_sample(image, coords)
+    channels_last = image.contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(gather_sample(channels_last, coords), whole)
+    monkeypatch.setattr(gather_module, "CHUNK_VALUES", 7 * 4)
+    torch.testing.assert_close(gather_sample(image, coords), whole)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_sample_reads_constant_images_through_the_gather_when_coordinates_need_a_gradient(
+    monkeypatch, requires_grad
+):
+    calls = []
+    monkeypatch.setattr(
+        warp_module, "gather_sample", lambda *a: calls.append(1) or gather_sample(*a)
+    )
+    image = torch.rand(1, 2, *SHAPE)
+    coords = points(40, seed=5).float().view(1, 3, 40, 1, 1).requires_grad_(requires_grad)
+    out = sample(image, coords)
+    assert len(calls) == int(requires_grad)
+    torch.testing.assert_close(out.flatten(2), grid_sample_at(image, coords.detach()))
+    image.requires_grad_()  # an image that needs a gradient stays with grid_sample
+    sample(image, coords)
+    assert len(calls) == int(requires_grad)
