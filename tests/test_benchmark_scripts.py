@@ -239,3 +239,26 @@ def test_intersubject_variants_start_from_register_py_defaults():
 def test_smoothing_row_agrees_with_monai():
     (row,) = ops._smooth_rows(ops.make_inputs((14, 12, 10), "cpu"), 1, "cpu")
     assert row["max abs diff"] < 1e-5 and row["regnet s"] > 0
+
+
+def test_constant_image_warp_rows_agree_with_monai():
+    inputs = ops.make_inputs((14, 12, 10), "cpu")
+    rows = ops._warp_rows(inputs, 1, "cpu")
+    assert ["1 channel," in rows[2]["operation"], "12 channels," in rows[3]["operation"]] == [
+        True,
+        True,
+    ]
+    for row in rows[2:]:
+        assert row["compared"].startswith("ddf gradient (0 of") and row["regnet s"] > 0
+
+
+def test_hd95_row_agrees_with_monai():
+    (row,) = ops._hd95_rows((20, 18, 16), 1)
+    assert row["max abs diff"] < 1e-5 and row["MONAI s"] > 0
+
+
+def test_similarity_rows_time_lncc_with_its_fixed_statistics_kept_and_recomputed():
+    rows = ops.run_similarity_benchmark((12, 10, 8), repeats=1, samples=100)
+    losses = {row["operation"]: row["loss"] for row in rows}
+    kept = losses["lncc (window 9) forward+backward"]
+    assert losses["lncc (window 9), fixed statistics recomputed forward+backward"] == kept

@@ -75,8 +75,9 @@ class LNCC(LossTerm):
     See :func:`regnet.losses.lncc.local_ncc` for the definition (MONAI's, with flat windows
     counted as 0) and the measured speed. The fixed image's window statistics are kept from one
     call to the next while the same, unmodified fixed tensor comes back (as in every iteration
-    of a registration): forward and backward on a 121x145x121 level, window 7, 2 CPU threads,
-    191 -> 96 ms (``docs/benchmarks.md``, "Real inter-subject pairs").
+    of a registration): forward and backward on a 121x145x121 level, window 9, 2 CPU threads,
+    90 ms against 114 ms recomputing them (``python scripts/benchmarks/ops.py --shape
+    121,145,121 --table similarity``; ``docs/benchmarks.md``, "Operations").
     """
 
     requires = IMAGE_KEYS
