@@ -72,10 +72,11 @@ def _gathers(source: torch.Tensor, coords: torch.Tensor, mode: str, padding: str
     """Whether :func:`sample` reads ``source`` with :func:`regnet.spatial.gather.gather_sample`:
     one 3D CPU image (every axis at least 2 voxels) that needs no gradient, at coordinates that
     do, linear with border padding. There it beat ``grid_sample`` on 2 threads (``python
-    scripts/benchmarks/ops.py``; a 2 mm brain read at every voxel, forward and backward: 61
-    against 179 ms); where the image needs a gradient too, ``grid_sample`` was the faster (3
-    channels on a half-resolution grid: 24-28 against 31-41 ms in a development timing), and
-    without any gradient the two were level."""
+    scripts/benchmarks/ops.py``; a 2 mm brain read at every voxel, forward and backward: 49
+    against 167 ms); where the image needs a gradient too, ``grid_sample`` was the faster (3
+    channels on a half-resolution grid: 24-28 against 31-41 ms, a development timing of an
+    earlier version that scattered the image's gradient), and without any gradient the two
+    were level."""
     return (
         source.device.type == "cpu"
         and source.dim() == 5
