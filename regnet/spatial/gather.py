@@ -14,7 +14,7 @@ channels stored channels-last 583 against 675 ms.
 
 Conventions are those of :mod:`regnet.spatial`: voxel coordinates in tensor axis order, linear
 interpolation, border padding (outside the grid, the nearest face's value; no gradient to a
-coordinate beyond the face, as ``grid_sample`` gives none). The image is a constant: the
+coordinate on or beyond a face, as ``grid_sample`` gives none). The image is a constant: the
 gradient goes to the coordinates only (where the image needs one too, ``grid_sample``'s
 backward pass was the faster; :func:`regnet.spatial.warp._gathers`).
 """
@@ -83,7 +83,8 @@ class _RowIndex:
     """Table rows of the neighbours of points on a grid of ``shape``: for coordinates ``(3, n)``,
     the rows ``(4, n)`` of the neighbours ``(i + a, j + b, k)`` (``a, b`` in 0, 1; ``a`` slower;
     the neighbour at ``k + 1`` is the next row), the fractions ``(3, n)`` past ``(i, j, k)`` and
-    whether each coordinate lies within the grid ``(3, n)``. Index arithmetic runs in the
+    whether each coordinate lies strictly between the grid's faces ``(3, n)`` (as
+    ``grid_sample`` with border padding, none passes a gradient on a face or beyond it). Index arithmetic runs in the
     coordinates' float type where it is exact (fewer than 2**24 voxels in float32), as int32
     indices: half the memory traffic of int64."""
 
@@ -101,7 +102,7 @@ class _RowIndex:
 
     def __call__(self, coords: torch.Tensor):
         clamped = torch.minimum(coords.clamp_min(0), self.upper)
-        inside = clamped == coords
+        inside = (coords > 0) & (coords < self.upper)  # grid_sample: no gradient on a face
         lower = torch.minimum(clamped.floor(), self.upper - 1)
         fraction = clamped - lower
         base = (lower.to(self.dtype) * self.strides).sum(0).to(self.index_dtype)

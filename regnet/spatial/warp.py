@@ -70,14 +70,15 @@ def sample(
 
 def _gathers(source: torch.Tensor, coords: torch.Tensor, mode: str, padding: str) -> bool:
     """Whether :func:`sample` reads ``source`` with :func:`regnet.spatial.gather.gather_sample`:
-    one 3D CPU image (every axis at least 2 voxels) that needs no gradient, at coordinates that
-    do, linear with border padding. There it beat ``grid_sample`` on 2 threads (``python
-    scripts/benchmarks/ops.py``; a 2 mm brain read at every voxel, forward and backward: 49
-    against 167 ms); where the image needs a gradient too, ``grid_sample`` was the faster (3
-    channels on a half-resolution grid: 24-28 against 31-41 ms, a development timing of an
-    earlier version that scattered the image's gradient), and without any gradient the two
-    were level."""
-    return (
+    one 3D CPU image (every axis at least 2 voxels), linear with border padding, that needs no
+    gradient, at coordinates that do, or with no gradient at all, of one channel. There it beat
+    ``grid_sample`` on 2 threads (``python scripts/benchmarks/ops.py``, a 2 mm brain read at
+    every voxel: forward and backward 49 against 167 ms; forward alone, one channel, 34 against
+    51 ms in a development timing). Where the image needs a gradient too, ``grid_sample`` was
+    the faster (3 channels on a half-resolution grid: 24-28 against 31-41 ms, a development
+    timing of an earlier version that scattered the image's gradient), and without any
+    gradient so were 3 channels (a velocity grid's composition: 8 against 32 ms)."""
+    if not (
         source.device.type == "cpu"
         and source.dim() == 5
         and source.shape[0] == 1
@@ -85,10 +86,12 @@ def _gathers(source: torch.Tensor, coords: torch.Tensor, mode: str, padding: str
         and min(source.shape[2:]) >= 2
         and mode == "linear"
         and padding == "border"
-        and coords.requires_grad
-        and not source.requires_grad
-        and torch.is_grad_enabled()
-    )
+    ):
+        return False
+    grad = torch.is_grad_enabled()
+    if grad and coords.requires_grad:
+        return not source.requires_grad
+    return source.shape[1] == 1 and not (grad and source.requires_grad)
 
 
 def threaded_grid_sample(

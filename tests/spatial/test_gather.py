@@ -44,6 +44,20 @@ def test_values_and_the_coordinates_gradient_equal_grid_sample():
     assert outside.any() and (ours_grad[outside] == 0).all()
 
 
+def test_no_gradient_on_a_face_as_grid_sample():
+    """Points exactly on a face (an identity grid's outer voxels, as every registration
+    starts) pass no gradient along that axis, as ``grid_sample`` with border padding."""
+    image = torch.rand(1, 1, *SHAPE, dtype=torch.float64)
+    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in SHAPE], indexing="ij")
+    coords = torch.stack([axis.flatten() for axis in axes]).requires_grad_()
+    (ours,) = torch.autograd.grad(gather_sample(image, coords).sum(), coords)
+    (theirs,) = torch.autograd.grad(grid_sample_at(image, coords).sum(), coords)
+    # (between faces an integer coordinate has two one-sided slopes; either may be taken)
+    on_face = (coords == 0) | (coords == torch.tensor(SHAPE).view(3, 1) - 1)
+    assert on_face.any() and (theirs[on_face] == 0).all() and (ours[on_face] == 0).all()
+    assert (ours[~on_face] != 0).all()
+
+
 def test_gradcheck_and_a_constant_image_only():
     gen = torch.Generator().manual_seed(2)
     image = torch.rand(1, 2, 4, 3, 5, generator=gen, dtype=torch.float64)
@@ -77,22 +91,27 @@ def test_channels_last_storage_and_chunks_give_the_same_result(monkeypatch):
     torch.testing.assert_close(gather_sample(image, coords), whole)
 
 
+@pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_sample_reads_constant_images_through_the_gather_when_coordinates_need_a_gradient(
-    monkeypatch, requires_grad
+def test_sample_gathers_constant_images_at_coordinates_needing_a_gradient_or_one_channel(
+    monkeypatch, requires_grad, channels
 ):
     calls = []
     monkeypatch.setattr(
         warp_module, "gather_sample", lambda *a: calls.append(1) or gather_sample(*a)
     )
-    image = torch.rand(1, 2, *SHAPE)
+    image = torch.rand(1, channels, *SHAPE)
     coords = points(40, seed=5).float().view(1, 3, 40, 1, 1).requires_grad_(requires_grad)
     out = sample(image, coords)
-    assert len(calls) == int(requires_grad)
+    gathered = int(requires_grad or channels == 1)
+    assert len(calls) == gathered
     torch.testing.assert_close(out.flatten(2), grid_sample_at(image, coords.detach()))
+    with torch.no_grad():
+        sample(image, coords)
+    assert len(calls) == gathered + int(channels == 1)
     image.requires_grad_()  # an image that needs a gradient stays with grid_sample
     sample(image, coords)
-    assert len(calls) == int(requires_grad)
+    assert len(calls) == gathered + int(channels == 1)
 
 
 def test_row_indices_stay_exact_beyond_float32_integers():
@@ -106,4 +125,4 @@ def test_row_indices_stay_exact_beyond_float32_integers():
     offsets = [0, 200, 300 * 200, 300 * 200 + 200]
     assert corner.tolist() == [[b + o for b in base] for o in offsets]
     torch.testing.assert_close(fraction, torch.tensor([[0.5, 0.25], [1.0, 0.5], [0.75, 0.0]]))
-    assert inside.all()
+    assert inside.tolist() == [[True, True], [False, True], [True, False]]  # faces: False
