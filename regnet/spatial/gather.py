@@ -83,10 +83,10 @@ class _RowIndex:
     """Table rows of the neighbours of points on a grid of ``shape``: for coordinates ``(3, n)``,
     the rows ``(4, n)`` of the neighbours ``(i + a, j + b, k)`` (``a, b`` in 0, 1; ``a`` slower;
     the neighbour at ``k + 1`` is the next row), the fractions ``(3, n)`` past ``(i, j, k)`` and
-    whether each coordinate lies strictly between the grid's faces ``(3, n)`` (as
-    ``grid_sample`` with border padding, none passes a gradient on a face or beyond it). Index arithmetic runs in the
-    coordinates' float type where it is exact (fewer than 2**24 voxels in float32), as int32
-    indices: half the memory traffic of int64."""
+    whether each coordinate lies strictly between the grid's faces ``(3, n)`` (as with
+    ``grid_sample``'s border padding, none passes a gradient on a face or beyond it). Index
+    arithmetic runs in the coordinates' float type where it is exact (fewer than 2**24 voxels
+    in float32), as int32 indices: half the memory traffic of int64."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         voxels = shape[0] * shape[1] * shape[2]
