@@ -9,8 +9,8 @@ last axis of each of a point's 4 neighbour pairs come in one row of ``2 C`` valu
 chunks of points small enough to stay in cache. Warping an image that needs no gradient,
 forward and backward (gradient to the field) on a 2 mm brain's grid, 2 threads (``python
 scripts/benchmarks/ops.py --shape 99,117,95 --threads 2 --table monai``; ``docs/benchmarks.md``,
-"Operations"): one channel 49 ms against 167 ms through ``grid_sample`` (MONAI's ``Warp``), 12
-channels stored channels-last 583 against 675 ms.
+"Operations"): one channel 47 ms against 191 ms through ``grid_sample`` (MONAI's ``Warp``), 12
+channels stored channels-last 542 against 787 ms.
 
 Conventions are those of :mod:`regnet.spatial`: voxel coordinates in tensor axis order, linear
 interpolation, border padding (outside the grid, the nearest face's value; no gradient to a
@@ -59,7 +59,8 @@ class _GatherTrilinear(torch.autograd.Function):
         chunk = max(1, min(CHUNK_POINTS, CHUNK_VALUES // channels))
         for start in range(0, count, chunk):
             stop = min(start + chunk, count)
-            corner, fraction, inside = rows(coords[:, start:stop])
+            points = coords[:, start:stop]
+            corner, fraction = rows(points)
             values = pairs.index_select(0, corner.flatten())
             values = values.view(2, 2, stop - start, 2, channels)  # (a, b, point, c, channel)
             _interpolate(
@@ -68,7 +69,8 @@ class _GatherTrilinear(torch.autograd.Function):
                 out[start:stop],
                 None if slopes is None else slopes[:, start:stop],
             )
-            if slopes is not None:  # no gradient to a coordinate beyond a face
+            if slopes is not None:  # grid_sample: no gradient to a coordinate on or past a face
+                inside = (points > 0) & (points < rows.upper)
                 slopes[:, start:stop].mul_(inside.unsqueeze(-1))
         ctx.save_for_backward(slopes)
         return out.t().unsqueeze(0)
@@ -82,11 +84,10 @@ class _GatherTrilinear(torch.autograd.Function):
 class _RowIndex:
     """Table rows of the neighbours of points on a grid of ``shape``: for coordinates ``(3, n)``,
     the rows ``(4, n)`` of the neighbours ``(i + a, j + b, k)`` (``a, b`` in 0, 1; ``a`` slower;
-    the neighbour at ``k + 1`` is the next row), the fractions ``(3, n)`` past ``(i, j, k)`` and
-    whether each coordinate lies strictly between the grid's faces ``(3, n)`` (as with
-    ``grid_sample``'s border padding, none passes a gradient on a face or beyond it). Index
-    arithmetic runs in the coordinates' float type where it is exact (fewer than 2**24 voxels
-    in float32), as int32 indices: half the memory traffic of int64."""
+    the neighbour at ``k + 1`` is the next row) and the fractions ``(3, n)`` past ``(i, j, k)``
+    of the coordinates clamped to the grid (border padding). Index arithmetic runs in the
+    coordinates' float type where it is exact (fewer than 2**24 voxels in float32), as int32
+    indices: half the memory traffic of int64."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         voxels = shape[0] * shape[1] * shape[2]
@@ -102,11 +103,10 @@ class _RowIndex:
 
     def __call__(self, coords: torch.Tensor):
         clamped = torch.minimum(coords.clamp_min(0), self.upper)
-        inside = (coords > 0) & (coords < self.upper)  # grid_sample: no gradient on a face
         lower = torch.minimum(clamped.floor(), self.upper - 1)
         fraction = clamped - lower
         base = (lower.to(self.dtype) * self.strides).sum(0).to(self.index_dtype)
-        return base + self.offsets, fraction, inside
+        return base + self.offsets, fraction
 
 
 def _interpolate(values, fraction, out, slopes) -> None:

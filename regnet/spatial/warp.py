@@ -73,8 +73,8 @@ def _gathers(source: torch.Tensor, coords: torch.Tensor, mode: str, padding: str
     one 3D CPU image (every axis at least 2 voxels), linear with border padding, that needs no
     gradient, at coordinates that do, or with no gradient at all, of one channel. There it beat
     ``grid_sample`` on 2 threads (``python scripts/benchmarks/ops.py``, a 2 mm brain read at
-    every voxel: forward and backward 49 against 167 ms; forward alone, one channel, 34 against
-    51 ms in a development timing). Where the image needs a gradient too, ``grid_sample`` was
+    every voxel, one channel: forward and backward 47 against 191 ms, forward alone 29 against
+    60 ms). Where the image needs a gradient too, ``grid_sample`` was
     the faster (3 channels on a half-resolution grid: 24-28 against 31-41 ms, a development
     timing of an earlier version that scattered the image's gradient), and without any
     gradient so were 3 channels (a velocity grid's composition: 8 against 32 ms)."""
