@@ -262,3 +262,6 @@ def test_similarity_rows_time_lncc_with_its_fixed_statistics_kept_and_recomputed
     losses = {row["operation"]: row["loss"] for row in rows}
     kept = losses["lncc (window 9) forward+backward"]
     assert losses["lncc (window 9), fixed statistics recomputed forward+backward"] == kept
+    hand_written = losses["grad of the DDF, hand-written backward forward+backward"]
+    autograd = losses["grad of the DDF, through autograd forward+backward"]
+    assert hand_written == pytest.approx(autograd, rel=1e-5) and hand_written > 0

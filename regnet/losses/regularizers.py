@@ -23,7 +23,8 @@ class Diffusion(LossTerm):
 
     Own implementation rather than MONAI's ``DiffusionLoss``: that uses central differences,
     which are blind to a voxel-wise checkerboard ``u = (-1)^i`` (its value is 0 there, while
-    the squared forward differences are 4), and has no L1 option.
+    the squared forward differences are 4), and has no L1 option. ``l2`` has a hand-written
+    backward pass (:class:`_SquaredDifferences`).
     """
 
     requires = ("ddf",)
@@ -36,12 +37,50 @@ class Diffusion(LossTerm):
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         ddf = displacement(inputs)
+        if self.penalty == "l2":
+            return _SquaredDifferences.apply(ddf)
         ndim = ddf.shape[1]
         total = ddf.new_zeros(())
         for axis in range(2, 2 + ndim):
-            diff = torch.diff(ddf, dim=axis)
-            total = total + (diff.abs().mean() if self.penalty == "l1" else (diff * diff).mean())
+            total = total + torch.diff(ddf, dim=axis).abs().mean()
         return total / ndim
+
+
+class _SquaredDifferences(torch.autograd.Function):
+    """``(1/ndim) sum_a mean (u(x + e_a) - u(x))^2`` of ``u (B, ndim, *S)``, differentiated by
+    hand: ``dL/du = (2 / (ndim M_a)) sum_a (D_a(x - e_a) - D_a(x))`` with ``D_a`` the forward
+    differences (``M_a`` of them), accumulated into one gradient volume.
+
+    Autograd's backward of the same sum allocates and zero-fills a whole volume per slice it
+    went through (two per axis). On the real-scan benchmark's 2 mm working grid (a 3 x 99 x 117
+    x 95 field, 2 CPU threads; ``docs/benchmarks.md``, "Similarity costs") forward and backward
+    take 12 ms here against 74 ms through autograd, and a registration's ``lncc`` iterations
+    on that level 13 % less time.
+    """
+
+    @staticmethod
+    def forward(ctx, ddf: torch.Tensor) -> torch.Tensor:
+        ndim = ddf.dim() - 2
+        total = ddf.new_zeros(())
+        for axis in range(2, 2 + ndim):
+            diff = torch.diff(ddf, dim=axis)
+            total = total + diff.mul_(diff).mean()
+        ctx.save_for_backward(ddf)
+        return total / ndim
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        (ddf,) = ctx.saved_tensors
+        ndim = ddf.dim() - 2
+        grad = torch.zeros_like(ddf)
+        for axis in range(2, 2 + ndim):
+            n = ddf.shape[axis]
+            diff = torch.diff(ddf, dim=axis)
+            diff.mul_(grad_out * (2.0 / (diff.numel() * ndim)))
+            grad.narrow(axis, 1, n - 1).add_(diff)
+            grad.narrow(axis, 0, n - 1).sub_(diff)
+        return grad
 
 
 class BendingEnergy(LossTerm):

@@ -31,8 +31,10 @@ Compared (``run_ops_benchmark``):
 Similarity costs (``run_similarity_benchmark``), regnet only: forward + backward (gradient with
 respect to the warped image) of the loss terms ``lncc`` (windows 9 and 7; window 9 also with a
 new fixed tensor per call, so that nothing of the fixed image is kept), ``mi`` and ``nmi``
-(32 bins, every voxel, and ``samples=50000`` random voxels per call), each as a multiple of
-``lncc`` window 9 timed in the same rounds. Sampled terms are seeded once, before the warm-up.
+(32 bins, every voxel, and ``samples=50000`` random voxels per call), and the regulariser
+``grad`` of the DDF (gradient with respect to the field; its hand-written backward pass and
+autograd's through the same sum), each as a multiple of ``lncc`` window 9 timed in the same
+rounds. Sampled terms are seeded once, before the warm-up.
 
 Timing: one warm-up call of each, then ``repeats`` rounds that alternate regnet and MONAI (or
 all similarity terms), so they see the same machine load; the tables report medians in seconds.
@@ -56,6 +58,7 @@ from monai.networks.layers import gaussian_1d, separable_filtering
 from regnet.losses import (
     LNCC,
     MIND,
+    Diffusion,
     LossTerm,
     MutualInformation,
     NormalizedMutualInformation,
@@ -344,6 +347,18 @@ def run_ops_benchmark(
     return rows + _smooth_rows(inputs, repeats, device) + _hd95_rows(shape, repeats)
 
 
+class AutogradDiffusion(LossTerm):
+    """The ``l2`` value of :class:`regnet.losses.Diffusion` differentiated by autograd: what
+    its hand-written backward pass is timed against."""
+
+    requires = ("ddf",)
+
+    def forward(self, inputs):
+        ddf = inputs["ddf"]
+        ndim = ddf.shape[1]
+        return sum((torch.diff(ddf, dim=axis) ** 2).mean() for axis in range(2, 2 + ndim)) / ndim
+
+
 def similarity_terms(samples: int = MI_SAMPLES) -> dict[str, LossTerm]:
     """The loss terms timed by :func:`run_similarity_benchmark`, by row name."""
     return {
@@ -355,6 +370,8 @@ def similarity_terms(samples: int = MI_SAMPLES) -> dict[str, LossTerm]:
         f"mi (32 bins, samples={samples})": MutualInformation(samples=samples),
         f"nmi (32 bins, samples={samples})": NormalizedMutualInformation(samples=samples),
         "mind (radius 1, dilation 2; fixed descriptors cached)": MIND(),
+        "grad of the DDF, hand-written backward": Diffusion(),
+        "grad of the DDF, through autograd": AutogradDiffusion(),
     }
 
 
@@ -364,7 +381,8 @@ def run_similarity_benchmark(
     device: str = "cpu",
     samples: int = MI_SAMPLES,
 ) -> list[dict]:
-    """Forward + backward seconds of the similarity terms on the same ``fixed``/``moving``.
+    """Forward + backward seconds of the similarity terms on the same ``fixed``/``moving`` (and
+    of ``grad`` on the same ``ddf``).
 
     Returns one row per term: ``operation``, median ``seconds``, ``x lncc 9`` (its median over
     that of ``lncc`` window 9, timed in the same rounds) and the ``loss`` value.
@@ -377,10 +395,13 @@ def run_similarity_benchmark(
         recompute = name.endswith("recomputed")
 
         def run() -> float:
-            warped = inputs["moving"].clone().requires_grad_()
-            # a new fixed tensor per call: nothing kept from the last call (regnet.losses.LNCC)
-            fixed = inputs["fixed"].clone() if recompute else inputs["fixed"]
-            value = term({"fixed": fixed, "warped": warped})
+            if term.requires == ("ddf",):
+                value = term({"ddf": inputs["ddf"].clone().requires_grad_()})
+            else:
+                warped = inputs["moving"].clone().requires_grad_()
+                # a new fixed tensor per call: nothing kept from the last call (regnet.losses.LNCC)
+                fixed = inputs["fixed"].clone() if recompute else inputs["fixed"]
+                value = term({"fixed": fixed, "warped": warped})
             value.backward()
             return value.item()
 

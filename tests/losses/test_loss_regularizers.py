@@ -50,6 +50,18 @@ def test_grad_sees_checkerboard():
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
+def test_grad_l2_backward_is_autograds(ndim):
+    field = torch.randn(2, ndim, *SHAPES[ndim], dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda u: Diffusion()({"ddf": u}), (field,))
+    value = Diffusion()({"ddf": field})
+    (gradient,) = torch.autograd.grad(3.0 * value, field)
+    reference = sum((torch.diff(field, dim=axis) ** 2).mean() for axis in range(2, 2 + ndim)) / ndim
+    (expected,) = torch.autograd.grad(3.0 * reference, field)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-12)
+    torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
 def test_bending_quadratic_field_and_equal_to_monai(ndim):
     grid = identity_grid(SHAPES[ndim], dtype=torch.float64)
     field = torch.zeros(1, ndim, *SHAPES[ndim], dtype=torch.float64)
