@@ -12,9 +12,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from regnet.cli.register import main, on_grid, take_voxels, working_grid
+from regnet.cli.register import main, on_grid, working_grid
 from regnet.pipeline import load_volume
-from regnet.spatial import sample
 
 SHIFT_MM = np.array([4.0, -3.0, 2.0])  # moving content = fixed content moved by this (RAS mm)
 
@@ -200,31 +199,6 @@ def test_cubic_resampling_onto_a_rotated_grid_blurs_less_than_linear(tmp_path, n
     for mode in ("linear", "cubic"):
         resampled = on_grid(volume, own_affine, own_shape, mode)[0, 0].numpy()
         np.testing.assert_allclose(resampled, wave(index), atol=1e-5)
-
-
-@pytest.mark.parametrize("ndim", [2, 3])
-def test_grids_on_voxel_centres_are_taken_as_interpolation_gives_them(ndim):
-    """Grids whose points are voxel centres (axes permuted, flipped, every second voxel, shifted
-    partly out of the volume): the indexed voxels equal linear interpolation's samples (the
-    resampling used before, zeros outside), and a shear is left to resampling."""
-    generator = torch.Generator().manual_seed(0)
-    shape = (7, 9, 8)[:ndim]
-    data = torch.rand(1, 2, *shape, generator=generator, dtype=torch.float64)
-    grid_shape = (6, 10, 5)[:ndim]
-    matrix = np.zeros((ndim + 1, ndim + 1), np.int64)
-    for k, a in enumerate([1, 0] if ndim == 2 else [2, 0, 1]):  # grid axis k -> volume axis a
-        matrix[a, k], matrix[a, ndim] = (-1, 2, 1)[k], (5, -3, 2)[k]  # flipped, strided, plain
-    matrix[ndim, ndim] = 1
-    taken = take_voxels(data, matrix, grid_shape)
-    index = np.indices(grid_shape).reshape(ndim, -1)
-    points = (matrix[:ndim, :ndim] @ index + matrix[:ndim, ndim:]).astype(np.float64)
-    coords = torch.from_numpy(points).view(1, ndim, *grid_shape)
-    expected = sample(data, coords, mode="linear", padding="zeros")
-    assert 0 < int((taken == 0).sum()) < taken.numel()  # partly outside the volume
-    torch.testing.assert_close(taken, expected, rtol=0, atol=1e-12)
-    shear = np.eye(ndim + 1, dtype=np.int64)
-    shear[0, 1] = 1
-    assert take_voxels(data, shear, grid_shape) is None
 
 
 def test_affine_tfm_resamples_like_regnet_in_simpleitk_and_ants(tmp_path):
