@@ -13,6 +13,7 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import sys
@@ -63,8 +64,11 @@ def run_pair_command(
 ) -> None:
     """The console entry of ``register.py`` / ``predict.py``: compose ``configs/<name>.yaml``
     with ``argv`` (the command line's arguments when ``None``) and ``run`` it under
-    :func:`run_command`. From the command line, a run without ``pairs=`` then ends the process
-    at once (:func:`end_process`)."""
+    :func:`run_command`. From the command line the process first keeps freed memory for reuse
+    (:func:`reuse_freed_memory`), and a run without ``pairs=`` ends it at once when done
+    (:func:`end_process`)."""
+    if argv is None:
+        reuse_freed_memory()
     overrides = list(sys.argv[1:] if argv is None else argv)
     composed: list[DictConfig] = []
 
@@ -75,6 +79,31 @@ def run_pair_command(
     run_command(task)
     if argv is None and composed[0].pairs is None:
         end_process()
+
+
+MALLOPT_TRIM_THRESHOLD, MALLOPT_MMAP_MAX = -1, -4
+"""glibc's ``mallopt`` parameters ``M_TRIM_THRESHOLD`` and ``M_MMAP_MAX`` (``malloc.h``)."""
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's ``malloc`` keep the memory of freed tensors for the next ones; ``False``
+    where the C library is not glibc (nothing changes there).
+
+    By default glibc gives every block above 32 MB its own ``mmap`` and unmaps it when freed, so
+    each such tensor of every iteration (a 3-component field on a 1.25 mm brain grid is 44 MB)
+    arrives as fresh pages that the kernel faults in and zeroes: ``register.py`` between Colin27
+    and the ICBM template on that grid (2 CPU threads) spent 20 s of system time and took 33.7 s
+    to register, against 5 s and 27.4 s with ``M_MMAP_MAX`` 0 (blocks from the heap, reused)
+    and ``M_TRIM_THRESHOLD`` at its largest (freed memory kept), for 2.9 GB of peak resident
+    memory instead of 2.1 GB. PyTorch's CPU performance guide recommends a caching allocator
+    (jemalloc, TCMalloc) for the same reason; this is glibc's own setting for it."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    kept = mallopt(MALLOPT_TRIM_THRESHOLD, 2**31 - 1)
+    return bool(mallopt(MALLOPT_MMAP_MAX, 0)) and bool(kept)
 
 
 def end_process() -> NoReturn:
