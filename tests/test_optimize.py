@@ -291,6 +291,40 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
         register(image, image, **kwargs)
 
 
+def test_a_given_matrix_replaces_the_start_and_the_affine_stage():
+    """``initial_matrix``: the deformable stage starts from the given alignment (no search, no
+    affine stage) and keeps it as the result's matrix; the composed field is the truth."""
+    shape = (20, 20, 20)
+    truth = affine_matrix(
+        **{k: torch.tensor(v) for k, v in CASES[3].items()}, centre=image_centre(shape)
+    )
+    fixed, moving = misaligned_pair(shape, truth)
+    result = register(
+        fixed, moving, transform="svf", loss="lncc+grad", initial_matrix=truth, init="search",
+        iterations=(10, 10, 5),
+    )  # fmt: skip
+    assert [record.stage for record in result.history] == ["svf"] * 3
+    torch.testing.assert_close(result.matrix, truth)
+    assert mean_error(result.ddf, affine_to_ddf(truth, shape)) < 0.25
+    with pytest.raises(ValueError, match="initial_matrix needs a deformable transform"):
+        register(fixed, moving, transform="affine", loss="lncc", initial_matrix=truth)
+
+
+def test_a_deferred_loss_returns_after_the_affine_stage():
+    """``defer_losses``: when ``loss="auto"`` chooses one of them, the result is the affine
+    stage's alignment with the choice, and no deformable stage runs."""
+    shape = (20, 20, 20)
+    fixed, moving = misaligned_pair(shape, torch.eye(4).unsqueeze(0))
+    choices = ("lncc+grad", "mind+grad")
+    result = register(
+        fixed, moving, transform="svf", loss="auto", affine_loss="mi", defer_losses=choices
+    )
+    assert result.loss in choices and result.local_ddf is None
+    assert result.contrast_correlation is not None
+    assert {record.stage for record in result.history} == {"affine"}
+    torch.testing.assert_close(result.ddf, affine_to_ddf(result.matrix, shape))
+
+
 def test_mismatched_images_are_rejected():
     with pytest.raises(ValueError, match="differs from the fixed"):
         register(textured((16, 16)), textured((16, 18)))

@@ -194,6 +194,8 @@ def register(
     affine_lr: float | None = None,
     spacing: Sequence[float] | None = None,
     initial_ddf: torch.Tensor | None = None,
+    initial_matrix: torch.Tensor | None = None,
+    defer_losses: Sequence[str] = (),
     windows: Sequence[int] | None = None,
     loss_options: Mapping[str, Mapping[str, Any]] | None = None,
     smoothing: float = 1.0,
@@ -257,6 +259,15 @@ def register(
         initial_ddf: ``(1, ndim, *S)`` starting field (voxels; e.g. a network's prediction): a
             ``ddf`` transform refines it additively, ``bspline``/``svf`` compose their field
             before it (``x -> x + initial(x + v(x))`` with ``v`` optimised).
+        initial_matrix: ``(1, ndim + 1, ndim + 1)`` voxel matrix of an affine alignment found
+            before (fixed voxel -> moving voxel of this grid; e.g. an earlier call's ``matrix``
+            carried over to another grid): no start and no affine stage, the deformable stage
+            starts from it and the overlap region (``overlap_margin``) is taken from it. Needs a
+            deformable transform and no ``initial_ddf``.
+        defer_losses: with ``loss="auto"``, losses whose deformable stage the caller runs itself:
+            when the choice is one of them, return right after the affine stage (``ddf`` the
+            affine's, ``local_ddf`` ``None``, ``loss`` the choice). ``register.py`` runs
+            ``lncc+grad`` on a finer grid that way.
         windows: LNCC window (odd, level voxels) per level; default 5 on levels coarser than
             half resolution, else 7 (on 1-2 mm images, about 1-2 cm).
         loss_options: keyword arguments per loss term, as for :func:`build_loss`.
@@ -351,6 +362,15 @@ def register(
                 f"initial_ddf must have shape {(1, ndim, *shape)}, got {tuple(initial_ddf.shape)}"
             )
         initial_ddf = initial_ddf.detach().to(device, torch.float32)
+    if initial_matrix is not None:
+        if transform not in DEFORMABLE_TRANSFORMS or initial_ddf is not None:
+            raise ValueError("initial_matrix needs a deformable transform and no initial_ddf")
+        if tuple(initial_matrix.shape) != (1, ndim + 1, ndim + 1):
+            raise ValueError(
+                f"initial_matrix must have shape {(1, ndim + 1, ndim + 1)}, "
+                f"got {tuple(initial_matrix.shape)}"
+            )
+        initial_matrix = initial_matrix.detach().to(device, torch.float32)
 
     shapes = level_shapes(shape, levels)
     deformable = transform in DEFORMABLE_TRANSFORMS
@@ -394,8 +414,9 @@ def register(
 
     # Affine stage.
     affine = None
-    run_affine = transform in AFFINE_TRANSFORMS or (affine_first and initial_ddf is None)
-    if initial_ddf is None and (run_affine or init != "identity"):
+    known = initial_ddf is not None or initial_matrix is not None  # a start given by the caller
+    run_affine = transform in AFFINE_TRANSFORMS or (affine_first and not known)
+    if not known and (run_affine or init != "identity"):
         kind = transform if transform in AFFINE_TRANSFORMS else affine_model
         translation = torch.zeros(ndim, device=device)
         if init == "com":
@@ -419,10 +440,9 @@ def register(
                 affine.rotation.copy_(rigid.rotation)
             history.append(record)
     overlap = None
-    if overlap_margin is not None and affine is not None:
-        overlap = overlap_region(
-            fixed, moving, masks, affine.matrix().detach(), overlap_margin, spacing
-        )
+    start_matrix = initial_matrix if affine is None else affine.matrix().detach()
+    if overlap_margin is not None and start_matrix is not None:
+        overlap = overlap_region(fixed, moving, masks, start_matrix, overlap_margin, spacing)
     if overlap is not None:
         region, moving_fg = overlap
         for level in pyramid:  # the affine stage sees the fixed region only (a static one)
@@ -454,10 +474,22 @@ def register(
                 rate * _mean(level.step),
                 record,
             )
-    matrix = None if affine is None else affine.matrix().detach()
+    matrix = initial_matrix if affine is None else affine.matrix().detach()
     correlation = None
     if auto and deformable:
         loss, correlation = _choose_deformable_loss(pyramid, matrix)
+        if loss in defer_losses:
+            grid = identity_grid(shape, device, torch.float32)
+            ddf = torch.zeros_like(grid) if matrix is None else apply_affine(matrix, grid) - grid
+            return RegistrationResult(
+                ddf=ddf,
+                matrix=matrix,
+                local_ddf=None,
+                history=history,
+                seconds=time.perf_counter() - start,
+                loss=loss,
+                contrast_correlation=correlation,
+            )
         for level in pyramid:
             level.loss = level_loss(
                 loss, terms_of(loss, weights), terms_of(loss, loss_options), windows[level.index]

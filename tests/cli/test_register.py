@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from phantoms import rigid_matrix
 from scipy import ndimage
 
-from regnet.cli.register import main, on_grid, working_grid
+from regnet.cli.register import carry_matrix, main, on_grid, working_grid
 from regnet.pipeline import load_volume
 
 SHIFT_MM = np.array([4.0, -3.0, 2.0])  # moving content = fixed content moved by this (RAS mm)
@@ -199,6 +200,18 @@ def test_cubic_resampling_onto_a_rotated_grid_blurs_less_than_linear(tmp_path, n
     for mode in ("linear", "cubic"):
         resampled = on_grid(volume, own_affine, own_shape, mode)[0, 0].numpy()
         np.testing.assert_allclose(resampled, wave(index), atol=1e-5)
+
+
+def test_a_voxel_matrix_carried_to_another_grid_maps_the_same_world_points():
+    source = np.diag([1.5, 1.5, 2.0, 1.0])
+    source[:3, 3] = [-30.0, -20.0, 10.0]
+    target = np.diag([-1.25, 1.25, 1.25, 1.0])[:, [1, 0, 2, 3]]  # axes swapped, one flipped
+    target[:3, 3] = [40.5, -20.2, 9.0]
+    matrix = torch.from_numpy(rigid_matrix((10.0, -4.0, 6.0), (2.0, -1.0, 3.0), (8, 9, 7)))
+    carried = carry_matrix(matrix[None], source, target)[0].numpy()
+    voxels = np.vstack([np.random.default_rng(0).uniform(0, 30, (3, 12)), np.ones((1, 12))])
+    through_source = source @ matrix.numpy() @ np.linalg.inv(source) @ target @ voxels
+    np.testing.assert_allclose(target @ carried @ voxels, through_source, atol=1e-9)
 
 
 def test_affine_tfm_resamples_like_regnet_in_simpleitk_and_ants(tmp_path):

@@ -18,8 +18,8 @@ AFFINE = np.diag([SPACING_MM, SPACING_MM, SPACING_MM, 1.0])
 AFFINE[:3, 3] = -39.0
 
 
-def save(path, array):
-    nib.save(nib.Nifti1Image(np.asarray(array), AFFINE), path)
+def save(path, array, affine=AFFINE):
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), path)
     return path
 
 
@@ -48,13 +48,13 @@ def labels():
     return fixed, moved(fixed, order=0).astype(np.int16)
 
 
-def run_register(tmp_path, labels, fixed_image, moving_image, *overrides):
+def run_register(tmp_path, labels, fixed_image, moving_image, *overrides, affine=AFFINE):
     fixed_labels, moving_labels = labels
     files = {
-        "fixed": save(tmp_path / "fixed.nii.gz", fixed_image),
-        "moving": save(tmp_path / "moving.nii.gz", moving_image),
-        "fl": save(tmp_path / "fixed_labels.nii.gz", fixed_labels),
-        "ml": save(tmp_path / "moving_labels.nii.gz", moving_labels),
+        "fixed": save(tmp_path / "fixed.nii.gz", fixed_image, affine),
+        "moving": save(tmp_path / "moving.nii.gz", moving_image, affine),
+        "fl": save(tmp_path / "fixed_labels.nii.gz", fixed_labels, affine),
+        "ml": save(tmp_path / "moving_labels.nii.gz", moving_labels, affine),
     }
     out = tmp_path / "out"
     main(
@@ -125,3 +125,19 @@ def test_a_result_worse_than_the_start_is_reported_and_not_returned(
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1
     assert message.startswith("warning: ") and "worse than the header alignment" in message
+
+
+@pytest.mark.parametrize("choice", ["lncc+grad", "mind+grad"])
+def test_an_lncc_pair_is_registered_on_the_finer_grid(tmp_path, labels, monkeypatch, choice):
+    """1 mm scans: the start and the affine stage run on the 1.5 mm grid; when ``loss=auto``
+    chooses ``lncc`` the deformable stage runs on 1.25 mm from their matrix, else on 1.5 mm."""
+    monkeypatch.setattr("regnet.optimize.engine.choose_loss", lambda correlation: choice)
+    fixed_labels, _ = labels
+    fixed_image, moving_image = render(fixed_labels, seed=1), moved(render(fixed_labels, seed=2))
+    metrics, _ = run_register(tmp_path, labels, fixed_image, moving_image, affine=np.eye(4))
+    info = metrics["info"]
+    spacing = np.linalg.norm(np.asarray(info["working_grid"]["affine"])[:3, :3], axis=0)
+    np.testing.assert_allclose(spacing, 1.25 if choice == "lncc+grad" else 1.5)
+    assert info["loss"] == choice
+    assert {"search/level0", "affine/level1", "svf/level2"} <= set(info["level_steps"])
+    assert metrics["dice_mean"] > 0.85, metrics["dice_mean"]
