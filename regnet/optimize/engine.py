@@ -479,17 +479,7 @@ def register(
     if auto and deformable:
         loss, correlation = _choose_deformable_loss(pyramid, matrix)
         if loss in defer_losses:
-            grid = identity_grid(shape, device, torch.float32)
-            ddf = torch.zeros_like(grid) if matrix is None else apply_affine(matrix, grid) - grid
-            return RegistrationResult(
-                ddf=ddf,
-                matrix=matrix,
-                local_ddf=None,
-                history=history,
-                seconds=time.perf_counter() - start,
-                loss=loss,
-                contrast_correlation=correlation,
-            )
+            return _composed_result(shape, device, matrix, None, history, start, loss, correlation)
         for level in pyramid:
             level.loss = level_loss(
                 loss, terms_of(loss, weights), terms_of(loss, loss_options), windows[level.index]
@@ -572,19 +562,45 @@ def register(
                     carried = dense.field().detach()
                 if level.index == levels - 1:
                     local_full = local_field().detach()
-    with torch.no_grad():
-        grid = identity_grid(shape, device, torch.float32)
-        points = grid if local_full is None else grid + local_full
-        if matrix is not None:
-            points = apply_affine(matrix, points)
-        ddf = points - grid
+    return _composed_result(
+        shape,
+        device,
+        matrix,
+        local_full,
+        history,
+        start,
+        loss if deformable else None,
+        correlation,
+        exact_gradient,
+    )
+
+
+@torch.no_grad()
+def _composed_result(
+    shape: Sequence[int],
+    device: torch.device,
+    matrix: torch.Tensor | None,
+    local: torch.Tensor | None,
+    history: list[LevelHistory],
+    start: float,
+    loss: str | None,
+    correlation: float | None,
+    exact_gradient: bool | None = None,
+) -> RegistrationResult:
+    """The result of :func:`register` begun at ``start`` (``time.perf_counter``): the total
+    displacement ``x -> A (x + v(x))`` of ``matrix`` ``A`` and ``local`` ``v`` (either may be
+    ``None``) on the grid of ``shape``, with the other fields as given."""
+    grid = identity_grid(shape, device, torch.float32)
+    points = grid if local is None else grid + local
+    if matrix is not None:
+        points = apply_affine(matrix, points)
     return RegistrationResult(
-        ddf=ddf,
+        ddf=points - grid,
         matrix=matrix,
-        local_ddf=local_full,
+        local_ddf=local,
         history=history,
         seconds=time.perf_counter() - start,
-        loss=loss if deformable else None,
+        loss=loss,
         contrast_correlation=correlation,
         exact_svf_gradient=exact_gradient,
     )
