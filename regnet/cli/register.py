@@ -11,7 +11,8 @@ Examples::
 
 Both images (and masks) are resampled in world space onto one working grid: the fixed image's
 field of view, axes permuted/flipped to the nearest RAS orientation, at ``spacing`` mm
-(:func:`working_grid`; images anti-aliased first where they are finer, :func:`on_grid`);
+(:func:`working_grid`; images anti-aliased first where they are finer, :func:`on_grid`; with
+``spacing=auto`` an ``lncc`` deformable stage gets a finer grid, :func:`register_pair`);
 intensities are clipped to ``percentiles`` and scaled to [0, 1].
 :func:`regnet.optimize.register` estimates the transform there (start search, affine stage on
 ``affine_loss``, deformable stage on ``loss``; see ``configs/register.yaml``), the result is
@@ -120,10 +121,10 @@ own 1 mm grid raised tissue Dice in all 30 pairs (0.774 against 0.758 on 1.5 mm)
 AUTO_LNCC_SPACING_MM = (1.25, 2.0)
 """``spacing=auto`` in 3D when the deformable similarity is ``lncc`` (two people's brains:
 ``loss=auto``'s choice, or given): the clip range instead of :data:`AUTO_SPACING_MM`. Between
-Colin27 and the ICBM 2009a template at 1 mm (``docs/benchmarks.md``, "Real inter-subject pairs")
-1.25 mm raised tissue Dice from 0.755 to 0.771, past Greedy's 0.765 on the scans' 1 mm grid,
-in 2.4x the registration time (0.7x Greedy's); the same brain's scans, where ``auto`` picks
-``mind``, keep 1.5 mm."""
+Colin27 and the ICBM 2009a template at 1 mm (``docs/benchmarks.md``, "``lncc`` on a 1.25 mm
+grid") it raised tissue Dice from 0.755 to 0.771, past Greedy's 0.766 on the scans' 1 mm grid,
+in 0.39x Greedy's registration time; scans of one brain, where ``auto`` picks ``mind``, keep
+1.5 mm (there 1.25 mm cost 1.5-2.3x the time and lost accuracy on thick slices)."""
 
 LNCC_TERM = "lncc"
 
