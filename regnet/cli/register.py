@@ -421,11 +421,12 @@ def register_pair(
     spacing = working_spacing(cfg.spacing, inputs.fixed)
     lncc_spacing = working_spacing(cfg.spacing, inputs.fixed, LNCC_TERM)
     loss = str(cfg.loss) if cfg.loss else ""
-    if loss != AUTO and LNCC_TERM in loss.replace(" ", "").lower().split("+"):
+    deformable = cfg.transform in DEFORMABLE_TRANSFORMS
+    if deformable and LNCC_TERM in loss.replace(" ", "").lower().split("+"):
         spacing = lncc_spacing
     pair = working_pair(inputs, masks, spacing, cfg)
     defer = ()
-    if loss == AUTO and lncc_spacing != spacing and cfg.transform in DEFORMABLE_TRANSFORMS:
+    if deformable and loss == AUTO and lncc_spacing != spacing:
         defer = (SAME_CONTRAST_LOSS,)
     result = _run_engine(pair, device, defer_losses=defer)
     if result.local_ddf is None and result.loss in defer:

@@ -141,3 +141,20 @@ def test_an_lncc_pair_is_registered_on_the_finer_grid(tmp_path, labels, monkeypa
     assert info["loss"] == choice
     assert {"search/level0", "affine/level1", "svf/level2"} <= set(info["level_steps"])
     assert metrics["dice_mean"] > 0.85, metrics["dice_mean"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "spacing"),
+    [(["loss=lncc+grad"], 1.25), (["transform=affine", "loss=lncc+grad"], 1.5)],
+)
+def test_a_given_lncc_loss_works_on_the_finer_grid_when_deformable(
+    tmp_path, labels, overrides, spacing
+):
+    fixed_labels, _ = labels
+    fixed_image, moving_image = render(fixed_labels, seed=1), moved(render(fixed_labels, seed=2))
+    metrics, _ = run_register(
+        tmp_path, labels, fixed_image, moving_image, *overrides, affine=np.eye(4)
+    )
+    grid = np.asarray(metrics["info"]["working_grid"]["affine"])[:3, :3]
+    np.testing.assert_allclose(np.linalg.norm(grid, axis=0), spacing)
+    assert metrics["dice_mean"] > 0.85, metrics["dice_mean"]
