@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from regnet.cli.common import compose_config
-from regnet.cli.register import engine_settings
+from regnet.cli.register_settings import engine_settings
 from regnet.data.layouts import Learn2RegDataset
 from regnet.metrics import dice_per_label, hd95, jacobian_stats
 from regnet.optimize import refine

@@ -69,8 +69,8 @@ from regnet.cli.common import (
     run_command,
 )
 from regnet.cli.predict import apply_preprocess_overrides, check_refine_settings, predict_pair
-from regnet.cli.register import check_settings as check_register_settings
 from regnet.cli.register import register_pair
+from regnet.cli.register_settings import check_settings as check_register_settings
 from regnet.cli.submission import (
     check_submission,
     learn2reg_config,

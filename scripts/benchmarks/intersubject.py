@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from regnet.cli.common import compose_config
-from regnet.cli.register import engine_settings as register_settings
+from regnet.cli.register_settings import engine_settings as register_settings
 from regnet.data.synth_brain import SynthBrainPairs
 from regnet.module import pair_metrics
 from regnet.optimize import register
@@ -35,7 +35,7 @@ SPACING = (2.0, 2.0, 2.0)
 
 
 def engine_settings(overrides: Sequence[str]) -> dict:
-    """``register.py``'s engine settings (:func:`regnet.cli.register.engine_settings`) with
+    """``register.py``'s engine settings (:func:`regnet.cli.register_settings.engine_settings`) with
     ``key=value`` overrides of ``configs/register.yaml``."""
     return register_settings(compose_config("register", list(overrides)), SPACING)
 

@@ -13,7 +13,8 @@ import torch
 from phantoms import rigid_matrix
 from scipy import ndimage
 
-from regnet.cli.register import carry_matrix, main, on_grid, working_grid
+from regnet.cli.register import main
+from regnet.cli.working_grid import carry_matrix, on_grid, working_grid
 from regnet.pipeline import load_volume
 
 SHIFT_MM = np.array([4.0, -3.0, 2.0])  # moving content = fixed content moved by this (RAS mm)
@@ -287,7 +288,7 @@ def test_deformable_run_writes_its_affine_stage(pair, tmp_path):
     ],
 )
 def test_auto_spacing_is_each_axis_voxel_size_within_1_5_to_2_mm(tmp_path, voxel, expected):
-    from regnet.cli.register import working_spacing
+    from regnet.cli.working_grid import working_spacing
 
     path = tmp_path / "image.nii.gz"
     nib.save(
@@ -304,7 +305,7 @@ def test_auto_spacing_is_each_axis_voxel_size_within_1_5_to_2_mm(tmp_path, voxel
 
 def test_auto_spacing_keeps_fine_pixels_of_2d_images(tmp_path):
     """2D: the image's own pixel size below 2 mm, 2 mm above."""
-    from regnet.cli.register import working_spacing
+    from regnet.cli.working_grid import working_spacing
 
     for pixel, expected in (((1.0, 0.5), (1.0, 0.5)), ((3.0, 1.0), (2.0, 1.0))):
         path = tmp_path / f"slice{pixel[0]}.nii.gz"
@@ -316,7 +317,7 @@ def test_auto_spacing_keeps_fine_pixels_of_2d_images(tmp_path):
 def test_auto_spacing_follows_the_axes_onto_the_working_grid(tmp_path):
     """A sagittal thick-slice scan stored with its 5 mm axis first (L-R) and its in-plane axes
     as S, A: the working grid (RAS order) is 2 mm along R, 1.5 mm along A and S."""
-    from regnet.cli.register import working_spacing
+    from regnet.cli.working_grid import working_spacing
 
     affine = np.zeros((4, 4))
     affine[0, 0], affine[2, 1], affine[1, 2], affine[3, 3] = 5.0, 1.0, 1.0, 1.0
@@ -332,7 +333,7 @@ def test_auto_spacing_and_grid_spacing_along_image_axes_in_2d(tmp_path):
     """2D: a 1 x 5 mm image stored with its axes swapped (first axis A-P at 5 mm, second axis
     R-L at 1 mm) gets a 1 x 2 mm working grid in RAS order (R, A), and the grid's spacing
     along each stored image axis is 2 mm along the first, 1 mm along the second."""
-    from regnet.cli.register import grid_spacing_along, working_spacing
+    from regnet.cli.working_grid import grid_spacing_along, working_spacing
 
     affine = np.zeros((4, 4))
     affine[1, 0], affine[0, 1], affine[2, 2], affine[3, 3] = 5.0, 1.0, 1.0, 1.0
@@ -352,7 +353,7 @@ def test_anti_aliasing_smooths_each_image_axis_to_the_grid_spacing_along_it(tmp_
     """Onto a 1.5 x 1.5 x 2 mm grid, a 1 mm image is smoothed by sqrt(1.5^2 - 1) mm FWHM across
     the first two axes and sqrt(2^2 - 1) mm along the third, also when the grid is rotated by
     90 degrees about the third axis; a 5 mm axis is not smoothed."""
-    from regnet.cli.register import grid_spacing_along
+    from regnet.cli.working_grid import grid_spacing_along
 
     grid = np.diag([1.5, 1.5, 2.0, 1.0])
     assert grid_spacing_along(grid, np.eye(4), 3) == pytest.approx([1.5, 1.5, 2.0])
@@ -403,7 +404,7 @@ def test_a_setting_out_of_range_is_named(pair, tmp_path, capsys, setting, messag
     ],
 )
 def test_mind_sigma_auto_tops_the_anti_aliasing_up_to_the_target_blur(grid, image, expected):
-    from regnet.cli.register import MIND_BLUR, mind_sigma
+    from regnet.cli.register_settings import MIND_BLUR, mind_sigma
 
     assert MIND_BLUR == 0.3
     assert mind_sigma("auto", grid, image) == pytest.approx(expected, abs=1e-4)
