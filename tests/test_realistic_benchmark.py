@@ -7,6 +7,7 @@ true field reproduces the fixed labels exactly.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -186,3 +187,45 @@ def test_peer_runner_imports_only_the_peer():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.split() == []
+
+
+def test_time_split_adds_up_to_the_registration_seconds_and_compares_with_peers(tmp_path):
+    """``time_split.py`` splits ``metrics.json``'s seconds by stage (the search's candidates and
+    the affine levels summed, one column per deformable level, the rest what no stage spent)
+    and divides by the peers' ``run.json`` seconds."""
+    import time_split
+
+    level_seconds = {
+        "search/level0": 0.25,
+        "affine/level0": 0.25,
+        "affine/level1": 0.5,
+        "svf/level0": 0.5,
+        "svf/level1": 1.0,
+        "svf/level2": 1.5,
+    }
+    metrics = {"seconds": 5.0, "info": {"level_seconds": level_seconds}}
+    split = time_split.split_seconds(metrics)
+    assert split == {
+        "start": 0.25,
+        "affine": 0.75,
+        "svf L0": 0.5,
+        "svf L1": 1.0,
+        "svf L2": 1.5,
+        "rest": 1.0,
+        "total": 5.0,
+    }
+    run_dir = tmp_path / "seed0" / "2mm"
+    for scenario, syn in (("pose", 10.0), ("stripped", 20.0)):
+        (run_dir / scenario / "regnet").mkdir(parents=True)
+        (run_dir / scenario / "regnet" / "metrics.json").write_text(json.dumps(metrics))
+        (run_dir / scenario / "ants-syn").mkdir()
+        (run_dir / scenario / "ants-syn" / "run.json").write_text(json.dumps({"seconds": syn}))
+    (run_dir / "empty").mkdir()  # a scenario regnet did not run: left out
+    markdown = tmp_path / "split.md"
+    time_split.main(["--work", str(tmp_path), "--spacing", "2", "--markdown", str(markdown)])
+    rows = markdown.read_text().splitlines()
+    assert [row.split(" | ")[0] for row in rows[2:]] == ["| pose", "| stripped", "| median"]
+    assert "| 10.00 | 0.50× |" in rows[2] and "| 20.00 | 0.25× |" in rows[3]
+    assert rows[4].endswith("| 0.38× |  |  |")  # median of 0.5 and 0.25; greedy ran nowhere
+    with pytest.raises(SystemExit, match="no such run folder"):
+        time_split.main(["--work", str(tmp_path), "--spacing", "1"])
