@@ -225,7 +225,7 @@ def test_time_split_adds_up_to_the_registration_seconds_and_compares_with_peers(
     time_split.main(["--work", str(tmp_path), "--spacing", "2", "--markdown", str(markdown)])
     rows = markdown.read_text().splitlines()
     assert [row.split(" | ")[0] for row in rows[2:]] == ["| pose", "| stripped", "| median"]
-    assert "| 10.00 | 0.50× |" in rows[2] and "| 20.00 | 0.25× |" in rows[3]
-    assert rows[4].endswith("| 0.38× |  |  |")  # median of 0.5 and 0.25; greedy ran nowhere
+    assert "| 10.00 | 0.50x |" in rows[2] and "| 20.00 | 0.25x |" in rows[3]
+    assert rows[4].endswith("| 0.38x |  |  |")  # median of 0.5 and 0.25; greedy ran nowhere
     with pytest.raises(SystemExit, match="no such run folder"):
         time_split.main(["--work", str(tmp_path), "--spacing", "1"])

@@ -75,7 +75,7 @@ def table(run_dir: Path) -> list[str]:
                 cells += ["", ""]
                 continue
             ratios[peer].append(split["total"] / seconds)
-            cells += [f"{seconds:.2f}", f"{split['total'] / seconds:.2f}×"]
+            cells += [f"{seconds:.2f}", f"{split['total'] / seconds:.2f}x"]
         rows.append(f"| {scenario.name} | " + " | ".join(cells) + " |")
     if columns is None:
         raise SystemExit(f"error: {run_dir}: no scenario folder with regnet/metrics.json")
@@ -84,7 +84,7 @@ def table(run_dir: Path) -> list[str]:
     median = ["median", *[""] * len(columns)]
     for peer in PEERS:
         values = ratios[peer]
-        median += ["", f"{statistics.median(values):.2f}×" if values else ""]
+        median += ["", f"{statistics.median(values):.2f}x" if values else ""]
     return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = "\n".join(table(run_dir)) + "\n"
     print(text, end="")
     if args.markdown is not None:
-        args.markdown.write_text(text)
+        args.markdown.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":
