@@ -151,11 +151,20 @@ def grid_spacing_along(grid: np.ndarray, image: np.ndarray, ndim: int) -> list[f
 
 def scale_intensities(image: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:
     """Clip ``image`` to its ``percentiles`` (computed over voxels inside the field of view,
-    i.e. non-zero after resampling) and scale to [0, 1]."""
+    i.e. non-zero after resampling), the lower one taken no higher than zero, and scale to
+    [0, 1].
+
+    Zero is the floor of a magnitude image, and a skull-stripped image's background: clipping
+    at the dimmest percent of its brain (CSF, about a quarter of the range on the ICBM
+    template) would merge CSF with the background. Before this bound, the rounding of linear
+    resampling decided it by accident: it leaves values of 1e-13 around the brain, which pulled
+    the lower percentile to zero, while an exact copy of coinciding grids' voxels clipped the
+    dimmest percent of the brain."""
     values = image[image != 0]
     if values.numel() == 0:
         return image
     low, high = np.percentile(values.numpy(), [float(p) for p in percentiles])
+    low = min(float(low), 0.0)
     if high <= low:
         return (image != 0).float()
     return ((image - low) / (high - low)).clamp(0, 1)

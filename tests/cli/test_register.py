@@ -14,7 +14,12 @@ from phantoms import rigid_matrix
 from scipy import ndimage
 
 from regnet.cli.register import main
-from regnet.cli.working_grid import carry_matrix, on_grid, working_grid
+from regnet.cli.working_grid import (
+    carry_matrix,
+    on_grid,
+    scale_intensities,
+    working_grid,
+)
 from regnet.pipeline import load_volume
 
 SHIFT_MM = np.array([4.0, -3.0, 2.0])  # moving content = fixed content moved by this (RAS mm)
@@ -201,6 +206,30 @@ def test_cubic_resampling_onto_a_rotated_grid_blurs_less_than_linear(tmp_path, n
     for mode in ("linear", "cubic"):
         resampled = on_grid(volume, own_affine, own_shape, mode)[0, 0].numpy()
         np.testing.assert_allclose(resampled, wave(index), atol=1e-5)
+
+
+def test_intensity_scaling_keeps_a_stripped_brains_dark_tissue_whatever_the_rounding():
+    """A skull-stripped image (zero background, its darkest percent well above zero) scales the
+    same with exact zeros around the brain and with resampling's 1e-13 values there: the lower
+    bound is zero, not the dimmest percent of the brain, so its darkest tissue stays above the
+    background; a negative lower percentile (spline undershoot, CT) is kept."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.zeros(1, 1, 20, 20, 20)
+    brain = (slice(None), slice(None), slice(4, 16), slice(4, 16), slice(4, 16))
+    image[brain] = 50.0 + 150.0 * torch.rand(1, 1, 12, 12, 12, generator=generator)
+    rounded = image.clone()
+    rounded[:, :, 3, 4:16, 4:16] = 1e-13  # a rim of rounding on one face
+    exact, noisy = scale_intensities(image, (1.0, 99.0)), scale_intensities(rounded, (1.0, 99.0))
+    torch.testing.assert_close(exact, noisy, rtol=0, atol=2e-3)
+    darkest = exact[brain].min()
+    assert 0.2 < darkest < 0.3, darkest  # 50 / ~199: not clipped onto the background's 0
+    assert exact[0, 0, 0, 0, 0] == 0.0
+    signed = image.clone()
+    signed[brain] -= 100.0  # values from -50: the lower percentile is below 0 and clips
+    low, high = np.percentile(signed[signed != 0].numpy(), [1.0, 99.0])
+    expected = ((signed - low) / (high - low)).clamp(0, 1)
+    assert low < 0 and signed[brain].min() < low
+    torch.testing.assert_close(scale_intensities(signed, (1.0, 99.0)), expected)
 
 
 def test_a_voxel_matrix_carried_to_another_grid_maps_the_same_world_points():
